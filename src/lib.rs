@@ -14,6 +14,7 @@
 //! the types that hold them print only a placeholder.
 
 pub mod bundle;
+pub mod entry;
 pub mod keys;
 pub mod proto;
 pub mod selector;
@@ -21,5 +22,6 @@ pub mod spiffe_id;
 pub mod tls;
 pub mod x509;
 
+pub use entry::Entry;
 pub use selector::{Selector, Selectors};
 pub use spiffe_id::{SpiffeId, TrustDomain};
