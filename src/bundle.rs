@@ -78,13 +78,20 @@ impl X509Bundle {
 
     /// The certificates as PEM blocks.
     pub fn to_pem(&self) -> String {
-        self.authorities.iter().map(|der| cert_to_pem(der)).collect()
+        self.authorities
+            .iter()
+            .map(|der| cert_to_pem(der))
+            .collect()
     }
 
     /// The bundle as a SPIFFE bundle document (a JWK Set with one
     /// `x509-svid` key per CA, each with exactly one `x5c` certificate and
     /// the key parameters that match it).
-    pub fn to_spiffe_json(&self, sequence: u64, refresh_hint_secs: u64) -> Result<String, BundleError> {
+    pub fn to_spiffe_json(
+        &self,
+        sequence: u64,
+        refresh_hint_secs: u64,
+    ) -> Result<String, BundleError> {
         let keys = self
             .authorities
             .iter()
@@ -125,7 +132,9 @@ pub fn cert_to_pem(der: &[u8]) -> String {
 fn parse(der: &[u8]) -> Result<x509_parser::certificate::X509Certificate<'_>, BundleError> {
     match x509_parser::certificate::X509Certificate::from_der(der) {
         Ok((rest, cert)) if rest.is_empty() => Ok(cert),
-        Ok(_) => Err(BundleError::Malformed("trailing bytes after certificate".into())),
+        Ok(_) => Err(BundleError::Malformed(
+            "trailing bytes after certificate".into(),
+        )),
         Err(e) => Err(BundleError::Malformed(e.to_string())),
     }
 }
@@ -202,7 +211,10 @@ mod tests {
 
     #[test]
     fn pem_without_certificates_is_refused() {
-        assert_eq!(X509Bundle::from_pem(td(), b"hello"), Err(BundleError::Empty));
+        assert_eq!(
+            X509Bundle::from_pem(td(), b"hello"),
+            Err(BundleError::Empty)
+        );
         let bad = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
         assert!(matches!(
             X509Bundle::from_pem(td(), bad.as_bytes()),
@@ -228,7 +240,10 @@ mod tests {
         assert!(key.get("kid").is_none());
         let x5c = key["x5c"].as_array().unwrap();
         assert_eq!(x5c.len(), 1);
-        assert_eq!(STANDARD.decode(x5c[0].as_str().unwrap()).unwrap(), ca.cert().to_vec());
+        assert_eq!(
+            STANDARD.decode(x5c[0].as_str().unwrap()).unwrap(),
+            ca.cert().to_vec()
+        );
 
         // The JWK's point is the certificate's public key.
         let cert = parse(ca.cert()).unwrap();

@@ -75,7 +75,10 @@ impl Entry {
         let parent_id = parse_id("parent_id", &e.parent_id, td)?;
 
         if e.selectors.is_empty() {
-            return Err(field_error("selectors", "at least one selector is required"));
+            return Err(field_error(
+                "selectors",
+                "at least one selector is required",
+            ));
         }
         if e.selectors.len() > MAX_SELECTORS {
             return Err(field_error(
@@ -112,7 +115,8 @@ impl Entry {
             ));
         }
         for (i, name) in e.dns_names.iter().enumerate() {
-            validate_dns_name(name).map_err(|reason| field_error(&format!("dns_names[{i}]"), reason))?;
+            validate_dns_name(name)
+                .map_err(|reason| field_error(&format!("dns_names[{i}]"), reason))?;
         }
 
         if e.hint.len() > MAX_HINT_LEN {
@@ -257,8 +261,14 @@ mod tests {
     fn each_bad_field_is_named() {
         let cases: Vec<(fn(&mut pb::Entry), &str)> = vec![
             (|e| e.spiffe_id = "spiffe://example.org".into(), "spiffe_id"),
-            (|e| e.spiffe_id = "spiffe://other.org/web".into(), "spiffe_id"),
-            (|e| e.spiffe_id = "spiffe://example.org/a//b".into(), "spiffe_id"),
+            (
+                |e| e.spiffe_id = "spiffe://other.org/web".into(),
+                "spiffe_id",
+            ),
+            (
+                |e| e.spiffe_id = "spiffe://example.org/a//b".into(),
+                "spiffe_id",
+            ),
             (|e| e.parent_id = String::new(), "parent_id"),
             (|e| e.selectors.clear(), "selectors"),
             (|e| e.selectors[0].value = String::new(), "selectors[0]"),

@@ -26,7 +26,9 @@ pub enum SelectorError {
     #[error("type is empty")]
     EmptyType,
     /// The type has a character outside `a-z 0-9 _ -`.
-    #[error("type has the character {0:?}: only lowercase letters, digits, `_` and `-` are allowed")]
+    #[error(
+        "type has the character {0:?}: only lowercase letters, digits, `_` and `-` are allowed"
+    )]
     BadTypeChar(char),
     /// The value is empty.
     #[error("value is empty")]
@@ -227,11 +229,17 @@ mod tests {
 
     #[test]
     fn an_entry_applies_when_its_selectors_are_a_subset() {
-        let workload: Selectors = [sel("unix:uid:1000"), sel("unix:gid:1000"), sel("unix:user:app")]
+        let workload: Selectors = [
+            sel("unix:uid:1000"),
+            sel("unix:gid:1000"),
+            sel("unix:user:app"),
+        ]
+        .into_iter()
+        .collect();
+        let entry: Selectors = [sel("unix:uid:1000")].into_iter().collect();
+        let other: Selectors = [sel("unix:uid:1000"), sel("unix:gid:0")]
             .into_iter()
             .collect();
-        let entry: Selectors = [sel("unix:uid:1000")].into_iter().collect();
-        let other: Selectors = [sel("unix:uid:1000"), sel("unix:gid:0")].into_iter().collect();
         assert!(entry.is_subset_of(&workload));
         assert!(!other.is_subset_of(&workload));
     }

@@ -36,13 +36,17 @@ pub enum ParseError {
     #[error("trust domain is missing")]
     MissingTrustDomain,
     /// The trust domain has a character outside `a-z 0-9 . - _`.
-    #[error("trust domain has the character {0:?}: only lowercase letters, digits, `.`, `-` and `_` are allowed")]
+    #[error(
+        "trust domain has the character {0:?}: only lowercase letters, digits, `.`, `-` and `_` are allowed"
+    )]
     BadTrustDomainChar(char),
     /// The trust domain has an empty label, or a leading or trailing dot.
     #[error("trust domain has an empty label (leading, trailing or doubled `.`)")]
     EmptyLabel,
     /// The trust domain or one of its labels is too long.
-    #[error("trust domain is too long (at most {MAX_TRUST_DOMAIN_LEN} bytes, labels at most {MAX_LABEL_LEN})")]
+    #[error(
+        "trust domain is too long (at most {MAX_TRUST_DOMAIN_LEN} bytes, labels at most {MAX_LABEL_LEN})"
+    )]
     TrustDomainTooLong,
     /// The ID is longer than [`MAX_SPIFFE_ID_LEN`].
     #[error("is longer than {MAX_SPIFFE_ID_LEN} bytes")]

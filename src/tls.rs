@@ -15,14 +15,16 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::ResolvesClientCert;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls::{ClientConfig, DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme};
+use rustls::{
+    ClientConfig, DigitallySignedStruct, DistinguishedName, ServerConfig, SignatureScheme,
+};
 use webpki::{EndEntityCert, KeyUsage};
 
 use crate::bundle::X509Bundle;
@@ -159,13 +161,20 @@ impl SvidResolver {
     }
 
     /// Presents a new chain and key from the next handshake on.
-    pub fn replace(&self, chain: Vec<CertificateDer<'static>>, key: &PrivateKey) -> Result<(), TlsError> {
+    pub fn replace(
+        &self,
+        chain: Vec<CertificateDer<'static>>,
+        key: &PrivateKey,
+    ) -> Result<(), TlsError> {
         self.current.store(Arc::new(certified_key(chain, key)?));
         Ok(())
     }
 }
 
-fn certified_key(chain: Vec<CertificateDer<'static>>, key: &PrivateKey) -> Result<CertifiedKey, TlsError> {
+fn certified_key(
+    chain: Vec<CertificateDer<'static>>,
+    key: &PrivateKey,
+) -> Result<CertifiedKey, TlsError> {
     Ok(CertifiedKey::from_der(chain, key.to_rustls(), &provider())?)
 }
 

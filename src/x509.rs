@@ -177,7 +177,11 @@ impl std::fmt::Debug for Authority {
 // === profiles ===
 
 /// The parameters of a signing certificate for `td` (X5-19).
-pub fn ca_params(td: &TrustDomain, not_before: SystemTime, not_after: SystemTime) -> CertificateParams {
+pub fn ca_params(
+    td: &TrustDomain,
+    not_before: SystemTime,
+    not_after: SystemTime,
+) -> CertificateParams {
     let mut params = CertificateParams::default();
     params.distinguished_name = subject(td);
     params.serial_number = Some(new_serial());

@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use rustls_pki_types::CertificateDer;
+use sigil::Entry;
 use sigil::bundle::X509Bundle;
 use sigil::keys::PrivateKey;
-use sigil::Entry;
 use tokio::sync::watch;
 
 /// Everything the Workload API serves, at one moment.

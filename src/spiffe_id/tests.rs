@@ -42,7 +42,10 @@ fn id4_no_userinfo_or_port() {
 
 #[test]
 fn id5_id6_uppercase_scheme_and_trust_domain_are_refused() {
-    assert_eq!(parse("SPIFFE://example.org/x"), Err(ParseError::WrongScheme));
+    assert_eq!(
+        parse("SPIFFE://example.org/x"),
+        Err(ParseError::WrongScheme)
+    );
     assert_eq!(
         parse("spiffe://Example.org/x"),
         Err(ParseError::BadTrustDomainChar('E'))
@@ -94,7 +97,10 @@ fn id12_trust_domain_id_has_no_trailing_slash() {
     assert_eq!(td.id_string(), "spiffe://example.org");
     let id = parse("spiffe://example.org").unwrap();
     assert!(!id.is_workload_id());
-    assert_eq!(parse("spiffe://example.org/"), Err(ParseError::EmptySegment));
+    assert_eq!(
+        parse("spiffe://example.org/"),
+        Err(ParseError::EmptySegment)
+    );
     assert_eq!(TrustDomain::new("spiffe://example.org").unwrap(), td);
     assert_eq!(
         TrustDomain::new("spiffe://example.org/x"),

@@ -130,7 +130,9 @@ fn check_extensions(cert: &X509Certificate<'_>, ca: bool) -> Result<(), CheckErr
             return Err(CheckError::DuplicateExtension(oid));
         }
         match ext.parsed_extension() {
-            ParsedExtension::BasicConstraints(bc) => basic_constraints = Some((ext.critical, bc.ca)),
+            ParsedExtension::BasicConstraints(bc) => {
+                basic_constraints = Some((ext.critical, bc.ca))
+            }
             ParsedExtension::KeyUsage(ku) => key_usage = Some((ext.critical, *ku)),
             ParsedExtension::ExtendedKeyUsage(eku) => {
                 if !(eku.any || (eku.server_auth && eku.client_auth)) {

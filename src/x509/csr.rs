@@ -50,7 +50,8 @@ impl Csr {
             return Err(CsrError::TooLarge);
         }
         let der = CertificateSigningRequestDer::from(der);
-        let parsed = CertificateSigningRequestParams::from_der(&der).map_err(|_| CsrError::Malformed)?;
+        let parsed =
+            CertificateSigningRequestParams::from_der(&der).map_err(|_| CsrError::Malformed)?;
 
         let uris: Vec<String> = parsed
             .params
