@@ -1,0 +1,22 @@
+//! End-to-end tests: real `sigil-server` and `sigil-agent` processes, real
+//! mTLS between them, real Unix sockets, and real SPIFFE clients as
+//! workloads. Each test starts its own trust domain in a scratch directory.
+//!
+//! The multi-user tests run workloads under other uids and need root; CI
+//! runs as root. The interoperability tests need the Go and Python client
+//! programs built by `.ci/run` (`SIGIL_INTEROP_GO`, `SIGIL_INTEROP_PY`).
+
+#![allow(
+    unreachable_pub,
+    reason = "helpers are shared between the modules of this one test binary"
+)]
+
+mod support;
+
+mod interop;
+mod issuance;
+mod mtls;
+mod refusals;
+mod restarts;
+mod rotation;
+mod workloads;
