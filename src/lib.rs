@@ -8,6 +8,7 @@
 //! - [`bundle`]: X.509 trust bundles and their PEM and SPIFFE JSON forms.
 //! - [`keys`]: private keys as secrets, and files that hold secrets.
 //! - [`tls`]: rustls configuration that authenticates peers by X.509-SVID.
+//! - [`transport`]: gRPC channels over Unix sockets and over rustls.
 //! - [`proto`]: generated code of the SPIFFE Workload API and Sigil's APIs.
 //!
 //! Nothing in this crate logs or formats key material, join tokens or JWTs:
@@ -20,6 +21,7 @@ pub mod proto;
 pub mod selector;
 pub mod spiffe_id;
 pub mod tls;
+pub mod transport;
 pub mod x509;
 
 pub use entry::Entry;

@@ -503,24 +503,7 @@ pub async fn agent_api_client(
     ));
     let identity = Arc::new(SvidResolver::new(chain, &key).unwrap());
     let config = Arc::new(sigil::tls::client_config(verifier, Some(identity)).unwrap());
-    let address = server.address.clone();
-
-    let connector = tower::service_fn(move |_uri: tonic::transport::Uri| {
-        let config = config.clone();
-        let address = address.clone();
-        async move {
-            let tcp = tokio::net::TcpStream::connect(&address).await?;
-            let name = rustls_pki_types::ServerName::try_from("sigil-server").unwrap();
-            let tls = tokio_rustls::TlsConnector::from(config)
-                .connect(name, tcp)
-                .await?;
-            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
-        }
-    });
-    let channel = tonic::transport::Endpoint::from_static("http://sigil-server")
-        .connect_with_connector(connector)
-        .await
-        .unwrap();
+    let channel = sigil::transport::tls_channel(server.address.clone(), config);
     sigil::proto::sigil::agent::v1::agent_api_client::AgentApiClient::new(channel)
 }
 
@@ -531,17 +514,6 @@ pub async fn raw_workload_client(
 ) -> sigil::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient<
     tonic::transport::Channel,
 > {
-    let socket = agent.socket.clone();
-    let connector = tower::service_fn(move |_uri: tonic::transport::Uri| {
-        let socket = socket.clone();
-        async move {
-            let stream = tokio::net::UnixStream::connect(socket).await?;
-            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-        }
-    });
-    let channel = tonic::transport::Endpoint::from_static("http://localhost")
-        .connect_with_connector(connector)
-        .await
-        .unwrap();
+    let channel = sigil::transport::unix_channel(&agent.socket).await.unwrap();
     sigil::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(channel)
 }
