@@ -23,6 +23,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"strings"
@@ -101,13 +102,17 @@ func emit(v any) {
 // newFlags returns a flag set whose errors are reported as usage errors.
 func newFlags(name string) *flag.FlagSet {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
-	fs.SetOutput(os.Stderr)
+	fs.SetOutput(io.Discard) // errors are reported by fail as one line
 	return fs
 }
 
 func parseFlags(fs *flag.FlagSet, args []string) error {
 	if err := fs.Parse(args); err != nil {
-		return usageError{err.Error()}
+		if errors.Is(err, flag.ErrHelp) {
+			fs.SetOutput(os.Stderr)
+			fs.PrintDefaults()
+		}
+		return usageError{fs.Name() + ": " + err.Error()}
 	}
 	if fs.NArg() > 0 {
 		return usageError{fmt.Sprintf("%s: unexpected arguments %q", fs.Name(), fs.Args())}
@@ -117,6 +122,44 @@ func parseFlags(fs *flag.FlagSet, args []string) error {
 
 func withTimeout(seconds int) (context.Context, context.CancelFunc) {
 	return context.WithTimeout(context.Background(), time.Duration(seconds)*time.Second)
+}
+
+// lastError is a go-spiffe logger that keeps the latest error message, so a
+// source that never got its first update can say why.
+type lastError struct {
+	mu  sync.Mutex
+	msg string
+}
+
+func (l *lastError) Debugf(string, ...any) {}
+func (l *lastError) Infof(string, ...any)  {}
+func (l *lastError) Warnf(string, ...any)  {}
+func (l *lastError) Errorf(format string, args ...any) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.msg = fmt.Sprintf(format, args...)
+}
+
+// wrap adds the latest logged error, if any, to err.
+func (l *lastError) wrap(err error) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.msg == "" {
+		return err
+	}
+	return fmt.Errorf("%w (last error: %s)", err, l.msg)
+}
+
+// newSource creates an X509Source, which blocks until the first valid X.509
+// context arrives; go-spiffe retries an unreachable agent until ctx ends.
+func newSource(ctx context.Context) (*workloadapi.X509Source, error) {
+	logs := &lastError{}
+	source, err := workloadapi.NewX509Source(ctx,
+		workloadapi.WithClientOptions(workloadapi.WithLogger(logs)))
+	if err != nil {
+		return nil, fmt.Errorf("create X.509 source: %w", logs.wrap(err))
+	}
+	return source, nil
 }
 
 // ---- fetch ----
@@ -221,6 +264,7 @@ type updateJSON struct {
 // printer is an X509ContextWatcher that prints the default SVID of every
 // update and signals done after the wanted number of updates.
 type printer struct {
+	ctx  context.Context // the watch's context; errors after it ends are expected
 	mu   sync.Mutex
 	want int
 	seen int
@@ -251,7 +295,7 @@ func (p *printer) OnX509ContextUpdate(c *workloadapi.X509Context) {
 
 func (p *printer) OnX509ContextWatchError(err error) {
 	// Transient: go-spiffe reconnects (or skips a bad message) on its own.
-	if err != nil && !errors.Is(err, context.Canceled) {
+	if err != nil && p.ctx.Err() == nil {
 		fmt.Fprintf(os.Stderr, "sigil-interop-go: watch: %s\n", strings.ReplaceAll(err.Error(), "\n", " "))
 	}
 }
@@ -269,7 +313,8 @@ func runWatch(args []string) error {
 	ctx, cancel := withTimeout(*timeout)
 	defer cancel()
 
-	client, err := workloadapi.New(ctx)
+	logs := &lastError{}
+	client, err := workloadapi.New(ctx, workloadapi.WithLogger(logs))
 	if err != nil {
 		return fmt.Errorf("create Workload API client: %w", err)
 	}
@@ -278,14 +323,14 @@ func runWatch(args []string) error {
 	// The source blocks until the first valid X.509 context has arrived.
 	source, err := workloadapi.NewX509Source(ctx, workloadapi.WithClient(client))
 	if err != nil {
-		return fmt.Errorf("create X.509 source: %w", err)
+		return fmt.Errorf("create X.509 source: %w", logs.wrap(err))
 	}
 	defer source.Close()
 
 	// A watch of its own reports every message, starting with the current state.
-	p := &printer{want: *updates, done: make(chan struct{})}
 	watchCtx, stopWatch := context.WithCancel(ctx)
 	defer stopWatch()
+	p := &printer{ctx: watchCtx, want: *updates, done: make(chan struct{})}
 	watchErr := make(chan error, 1)
 	go func() { watchErr <- client.WatchX509Context(watchCtx, p) }()
 
@@ -346,9 +391,9 @@ func runServe(args []string) error {
 	ctx, cancel := withTimeout(*timeout)
 	defer cancel()
 
-	source, err := workloadapi.NewX509Source(ctx)
+	source, err := newSource(ctx)
 	if err != nil {
-		return fmt.Errorf("create X.509 source: %w", err)
+		return err
 	}
 	defer source.Close()
 
@@ -428,9 +473,9 @@ func runDial(args []string) error {
 	ctx, cancel := withTimeout(*timeout)
 	defer cancel()
 
-	source, err := workloadapi.NewX509Source(ctx)
+	source, err := newSource(ctx)
 	if err != nil {
-		return fmt.Errorf("create X.509 source: %w", err)
+		return err
 	}
 	defer source.Close()
 
