@@ -40,7 +40,9 @@ pub fn tls_channel(address: String, config: Arc<rustls::ClientConfig>) -> Channe
             let tcp = tokio::net::TcpStream::connect(&address).await?;
             tcp.set_nodelay(true)?;
             let name = ServerName::try_from(SERVER_NAME).map_err(std::io::Error::other)?;
-            let tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await?;
+            let tls = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await?;
             Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
         }
     });
