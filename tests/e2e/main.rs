@@ -16,6 +16,7 @@ mod support;
 mod interop;
 mod issuance;
 mod mtls;
+mod quickstart;
 mod refusals;
 mod restarts;
 mod rotation;
