@@ -131,7 +131,7 @@ pub fn cert_to_pem(der: &[u8]) -> String {
 
 fn parse(der: &[u8]) -> Result<x509_parser::certificate::X509Certificate<'_>, BundleError> {
     match x509_parser::certificate::X509Certificate::from_der(der) {
-        Ok((rest, cert)) if rest.is_empty() => Ok(cert),
+        Ok(([], cert)) => Ok(cert),
         Ok(_) => Err(BundleError::Malformed(
             "trailing bytes after certificate".into(),
         )),

@@ -17,7 +17,7 @@ use tokio::sync::watch;
 
 /// Everything the Workload API serves, at one moment.
 #[derive(Debug, Clone)]
-pub struct Snapshot {
+pub(crate) struct Snapshot {
     /// The trust domain's bundle.
     pub bundle: Arc<X509Bundle>,
     /// The bundle as concatenated DER, computed once per bundle change.
@@ -32,7 +32,7 @@ pub struct Snapshot {
 
 /// One entry and its current X.509-SVID.
 #[derive(Debug)]
-pub struct Identity {
+pub(crate) struct Identity {
     /// The entry, with its selectors.
     pub entry: Entry,
     /// The SVID, absent until the first one has been signed.
@@ -41,7 +41,7 @@ pub struct Identity {
 
 /// An X.509-SVID and its key.
 #[derive(Debug)]
-pub struct Svid {
+pub(crate) struct Svid {
     /// DER certificates, leaf first.
     pub chain: Vec<CertificateDer<'static>>,
     /// The chain as concatenated DER, the Workload API's form.
@@ -55,7 +55,7 @@ pub struct Svid {
 }
 
 /// The receiving end the Workload API holds.
-pub type SnapshotReceiver = watch::Receiver<Arc<Snapshot>>;
+pub(crate) type SnapshotReceiver = watch::Receiver<Arc<Snapshot>>;
 
 /// The sending end the SVID manager holds.
-pub type SnapshotSender = watch::Sender<Arc<Snapshot>>;
+pub(crate) type SnapshotSender = watch::Sender<Arc<Snapshot>>;

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use crate::config::{Config, RunArgs};
 use crate::workload;
 
 /// The node agent of a Sigil trust domain.
@@ -16,6 +17,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Runs the agent: attests to the server, keeps the workload SVIDs
+    /// rotated and serves the Workload API.
+    Run(Box<RunArgs>),
     /// Calls the Workload API as a workload would.
     Api {
         #[command(subcommand)]
@@ -43,6 +47,10 @@ enum FetchWhat {
 /// Parses the command line and runs the command.
 pub(crate) fn main() -> ExitCode {
     let cli = Cli::parse();
+    let command = match cli.command {
+        Command::Run(args) => return run(*args),
+        Command::Api { command } => command,
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -51,16 +59,41 @@ pub(crate) fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        match cli.command {
-            Command::Api { command } => match command {
-                ApiCommand::Fetch {
-                    what: FetchWhat::X509(args),
-                } => workload::cli::fetch_x509(args).await,
-                ApiCommand::Watch(args) => workload::cli::watch(args).await,
-            },
+        match command {
+            ApiCommand::Fetch {
+                what: FetchWhat::X509(args),
+            } => workload::cli::fetch_x509(args).await,
+            ApiCommand::Watch(args) => workload::cli::watch(args).await,
         }
     });
     match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `sigil-agent run`: exit code 2 for a bad configuration, 1 for a fatal
+/// error, 0 after SIGINT or SIGTERM.
+fn run(args: RunArgs) -> ExitCode {
+    let config = match Config::load(args) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("Error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    crate::logging::init(&config.log_level, config.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("Error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(crate::run::run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("Error: {e:#}");

@@ -90,7 +90,7 @@ pub fn not_after(der: &[u8]) -> Result<SystemTime, CheckError> {
 
 fn parse(der: &[u8]) -> Result<X509Certificate<'_>, CheckError> {
     match X509Certificate::from_der(der) {
-        Ok((rest, cert)) if rest.is_empty() => Ok(cert),
+        Ok(([], cert)) => Ok(cert),
         _ => Err(CheckError::Malformed),
     }
 }
@@ -134,13 +134,14 @@ fn check_extensions(cert: &X509Certificate<'_>, ca: bool) -> Result<(), CheckErr
                 basic_constraints = Some((ext.critical, bc.ca))
             }
             ParsedExtension::KeyUsage(ku) => key_usage = Some((ext.critical, *ku)),
-            ParsedExtension::ExtendedKeyUsage(eku) => {
-                if !(eku.any || (eku.server_auth && eku.client_auth)) {
-                    return Err(CheckError::ExtendedKeyUsage);
-                }
+            ParsedExtension::ExtendedKeyUsage(eku)
+                if !(eku.any || (eku.server_auth && eku.client_auth)) =>
+            {
+                return Err(CheckError::ExtendedKeyUsage);
             }
             ParsedExtension::SubjectAlternativeName(_) => san_critical = ext.critical,
-            ParsedExtension::AuthorityKeyIdentifier(_)
+            ParsedExtension::ExtendedKeyUsage(_)
+            | ParsedExtension::AuthorityKeyIdentifier(_)
             | ParsedExtension::SubjectKeyIdentifier(_) => {}
             _ if ext.critical => return Err(CheckError::UnknownCritical(oid)),
             _ => {}

@@ -1,0 +1,258 @@
+//! Renewal of the agent SVID (`AgentApi/RenewAgent`) at half of its lifetime.
+//!
+//! Each renewal uses a new key. The new SVID is stored, then presented on a
+//! new connection, which every later call uses. Failures are retried with
+//! backoff until the SVID expires; a refusal by the server (the agent was
+//! evicted) is final.
+//!
+//! Another task that sees the server refuse the agent SVID asks for a
+//! renewal at once (at most every [`FORCED_RENEWAL_INTERVAL`]): either the
+//! server still accepts the agent and the new SVID fixes the refusal, or it
+//! refuses the renewal too, which ends the agent.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rustls_pki_types::CertificateDer;
+use sigil::keys::PrivateKey;
+use sigil::proto::sigil::agent::v1::RenewAgentRequest;
+use sigil::tls::{SvidResolver, TrustStore};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::{NodeError, NodeIdentity, Storage};
+use crate::client::{self, AgentChannel};
+use crate::retry::{Backoff, RepeatedErrors, Report};
+
+/// The shortest time between two renewals asked for by other tasks.
+pub(crate) const FORCED_RENEWAL_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Keeps the agent SVID renewed.
+#[derive(Debug)]
+pub(crate) struct Renewer {
+    channel: Arc<AgentChannel>,
+    storage: Storage,
+    trust: Arc<TrustStore>,
+    resolver: Arc<SvidResolver>,
+    current: NodeIdentity,
+    renew_now: Arc<Notify>,
+    last_renewal: Option<Instant>,
+}
+
+/// One failed renewal.
+enum Failure {
+    /// The server refuses the agent: retrying cannot help.
+    Refused(String),
+    /// Anything else: retry.
+    Retry(String),
+}
+
+impl Renewer {
+    /// A renewer of `current`, which `resolver` presents on `channel`.
+    /// `renew_now` asks for a renewal before the half-life.
+    pub(crate) fn new(
+        channel: Arc<AgentChannel>,
+        storage: Storage,
+        trust: Arc<TrustStore>,
+        resolver: Arc<SvidResolver>,
+        current: NodeIdentity,
+        renew_now: Arc<Notify>,
+    ) -> Self {
+        Self {
+            channel,
+            storage,
+            trust,
+            resolver,
+            current,
+            renew_now,
+            last_renewal: None,
+        }
+    }
+
+    /// Renews the SVID at each half-life, forever; returns only on a fatal
+    /// error.
+    pub(crate) async fn run(mut self) -> NodeError {
+        loop {
+            let due = half_life(self.current.not_before, self.current.not_after);
+            let wait = due
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO);
+            tracing::debug!(
+                spiffe.id = %self.current.spiffe_id,
+                at = %humantime::format_rfc3339_seconds(due),
+                "agent SVID renewal scheduled"
+            );
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = self.renew_now.notified() => {
+                    if self
+                        .last_renewal
+                        .is_some_and(|at| at.elapsed() < FORCED_RENEWAL_INTERVAL)
+                    {
+                        continue;
+                    }
+                    tracing::info!(
+                        spiffe.id = %self.current.spiffe_id,
+                        "the server refused a call with the agent SVID; renewing it now"
+                    );
+                }
+            }
+            if let Err(e) = self.renew_until_expiry().await {
+                return e;
+            }
+        }
+    }
+
+    async fn renew_until_expiry(&mut self) -> Result<(), NodeError> {
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+        let mut repeated = RepeatedErrors::default();
+        loop {
+            match self.renew_once().await {
+                Ok(identity) => {
+                    tracing::info!(
+                        spiffe.id = %identity.spiffe_id,
+                        expires = %humantime::format_rfc3339_seconds(identity.not_after),
+                        "agent SVID renewed"
+                    );
+                    self.current = identity;
+                    self.last_renewal = Some(Instant::now());
+                    self.channel.reconnect();
+                    return Ok(());
+                }
+                Err(Failure::Refused(reason)) => {
+                    if let Err(e) = self.storage.remove_svid() {
+                        tracing::warn!(error = %e, "cannot remove the refused agent SVID");
+                    }
+                    return Err(NodeError::Refused { reason });
+                }
+                Err(Failure::Retry(error)) => {
+                    let left = self
+                        .current
+                        .not_after
+                        .duration_since(SystemTime::now())
+                        .unwrap_or(Duration::ZERO);
+                    if left.is_zero() {
+                        return Err(NodeError::Expired { last_error: error });
+                    }
+                    let delay = backoff.next_delay().min(left);
+                    match repeated.observe(&error) {
+                        Report::Warn => tracing::warn!(
+                            error = %error,
+                            retry_in = ?delay,
+                            "agent SVID renewal failed; retrying"
+                        ),
+                        Report::Quiet(n) => tracing::debug!(
+                            error = %error,
+                            retry_in = ?delay,
+                            repeated = n,
+                            "agent SVID renewal failed; retrying"
+                        ),
+                    }
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    async fn renew_once(&mut self) -> Result<NodeIdentity, Failure> {
+        let key = PrivateKey::generate_p256().map_err(|e| Failure::Retry(e.to_string()))?;
+        let pair = key.key_pair().map_err(|e| Failure::Retry(e.to_string()))?;
+        let csr = sigil::x509::build_csr(&pair, None).map_err(|e| Failure::Retry(e.to_string()))?;
+        let mut request = tonic::Request::new(RenewAgentRequest { csr });
+        request.set_timeout(client::CALL_TIMEOUT);
+        let answer = self
+            .channel
+            .api()
+            .renew_agent(request)
+            .await
+            .map_err(|status| {
+                if is_refusal(&status) {
+                    Failure::Refused(status.message().to_owned())
+                } else {
+                    Failure::Retry(client::describe_status(&status))
+                }
+            })?
+            .into_inner();
+        let svid = answer
+            .svid
+            .ok_or_else(|| Failure::Retry("the answer has no SVID".into()))?;
+        let chain: Vec<CertificateDer<'static>> = svid
+            .cert_chain
+            .into_iter()
+            .map(CertificateDer::from)
+            .collect();
+        let identity = self.check(chain, key).map_err(Failure::Retry)?;
+        self.storage
+            .save_svid(&identity.chain, &identity.key)
+            .map_err(|e| Failure::Retry(e.to_string()))?;
+        self.resolver
+            .replace(identity.chain.clone(), &identity.key)
+            .map_err(|e| Failure::Retry(e.to_string()))?;
+        Ok(identity)
+    }
+
+    /// Checks a renewed SVID: a valid leaf for the same SPIFFE ID, for `key`,
+    /// chained to the current trust store.
+    fn check(
+        &self,
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKey,
+    ) -> Result<NodeIdentity, String> {
+        let leaf = chain.first().ok_or("the renewed SVID chain is empty")?;
+        let id = sigil::x509::check_leaf(leaf).map_err(|e| format!("renewed SVID: {e}"))?;
+        if id != self.current.spiffe_id {
+            return Err(format!(
+                "renewed SVID is for {id}, expected {}",
+                self.current.spiffe_id
+            ));
+        }
+        crate::certs::check_key_matches(leaf, &key).map_err(|e| format!("renewed SVID: {e}"))?;
+        let (not_before, not_after) =
+            crate::certs::validity(leaf).map_err(|e| format!("renewed SVID: {e}"))?;
+        self.trust
+            .verify_svid(
+                leaf,
+                &chain[1..],
+                rustls_pki_types::UnixTime::now(),
+                webpki::KeyUsage::client_auth(),
+            )
+            .map_err(|e| format!("renewed SVID does not chain to the bundle: {e}"))?;
+        Ok(NodeIdentity {
+            spiffe_id: id,
+            chain,
+            key,
+            bundle: self.current.bundle.clone(),
+            not_before,
+            not_after,
+        })
+    }
+}
+
+/// Whether the server refuses the agent itself, rather than failing.
+pub(crate) fn is_refusal(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+    ) && !client::is_transport_failure(status)
+}
+
+/// Half-way between `not_before` and `not_after`.
+fn half_life(not_before: SystemTime, not_after: SystemTime) -> SystemTime {
+    let lifetime = not_after
+        .duration_since(not_before)
+        .unwrap_or(Duration::ZERO);
+    not_before + lifetime / 2
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_is_due_at_half_life() {
+        let nb = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        let na = nb + Duration::from_secs(3600);
+        assert_eq!(half_life(nb, na), nb + Duration::from_secs(1800));
+        assert_eq!(half_life(na, nb), na);
+    }
+}

@@ -1,0 +1,225 @@
+//! The entry sync: a `SyncEntries` stream from the server, applied to the
+//! SVID manager and the trust store.
+//!
+//! The agent sends the (id, revision) pairs it holds, so the server sends
+//! only differences; the stream then stays open and carries every change.
+//! When it breaks, the agent reconnects with backoff (200 ms doubling to
+//! 10 s, reset once a message arrived), again sending what it holds. A
+//! refusal of the agent SVID asks the agent SVID renewal to act at once: it
+//! either gets a new SVID or finds the agent evicted.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sigil::proto::sigil::agent::v1::{KnownEntry, SyncEntriesRequest, SyncEntriesResponse};
+use sigil::tls::TrustStore;
+use sigil::{Entry, TrustDomain};
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::client::{self, AgentChannel};
+use crate::manager::Update;
+use crate::node::{self, Storage};
+use crate::retry::{Backoff, RepeatedErrors, Report};
+
+/// Why the sync stopped for good.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SyncError {
+    /// The SVID manager is gone (the agent is shutting down).
+    #[error("the SVID manager stopped")]
+    ManagerGone,
+}
+
+/// Keeps the agent's entries in sync with the server.
+#[derive(Debug)]
+pub(crate) struct EntrySync {
+    channel: Arc<AgentChannel>,
+    renew_now: Arc<Notify>,
+    td: TrustDomain,
+    trust: Arc<TrustStore>,
+    storage: Storage,
+    updates: mpsc::Sender<Update>,
+    first_applied: Option<oneshot::Sender<()>>,
+    /// The entries handed to the manager, by ID, with their revision.
+    known: HashMap<String, u64>,
+    /// The sequence number of the bundle last applied.
+    bundle_sequence: Option<u64>,
+}
+
+impl EntrySync {
+    /// A sync feeding `updates`. `first_applied` completes once the first
+    /// message has been applied by the manager. A refusal of the agent SVID
+    /// notifies `renew_now`.
+    pub(crate) fn new(
+        channel: Arc<AgentChannel>,
+        td: TrustDomain,
+        trust: Arc<TrustStore>,
+        storage: Storage,
+        updates: mpsc::Sender<Update>,
+        first_applied: oneshot::Sender<()>,
+        renew_now: Arc<Notify>,
+    ) -> Self {
+        Self {
+            channel,
+            renew_now,
+            td,
+            trust,
+            storage,
+            updates,
+            first_applied: Some(first_applied),
+            known: HashMap::new(),
+            bundle_sequence: None,
+        }
+    }
+
+    /// Syncs until a fatal error.
+    pub(crate) async fn run(mut self) -> SyncError {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        let mut repeated = RepeatedErrors::default();
+        loop {
+            let error = match self.stream_once(&mut backoff, &mut repeated).await {
+                Ok(never) => match never {},
+                Err(Stop::Fatal(e)) => return e,
+                Err(Stop::Retry(e)) => e,
+            };
+            let delay = backoff.next_delay();
+            match repeated.observe(&error) {
+                Report::Warn => {
+                    tracing::warn!(error = %error, retry_in = ?delay, "entry sync interrupted; reconnecting");
+                }
+                Report::Quiet(n) => {
+                    tracing::debug!(error = %error, retry_in = ?delay, repeated = n, "entry sync interrupted; reconnecting");
+                }
+            }
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// Opens one stream and applies its messages until it breaks.
+    async fn stream_once(
+        &mut self,
+        backoff: &mut Backoff,
+        repeated: &mut RepeatedErrors,
+    ) -> Result<std::convert::Infallible, Stop> {
+        let known = self
+            .known
+            .iter()
+            .map(|(id, revision)| KnownEntry {
+                id: id.clone(),
+                revision: *revision,
+            })
+            .collect();
+        let mut stream = self
+            .channel
+            .api()
+            .sync_entries(SyncEntriesRequest { known })
+            .await
+            .map_err(|s| self.stop(&s))?
+            .into_inner();
+        loop {
+            match stream.message().await {
+                Ok(Some(message)) => {
+                    backoff.reset();
+                    repeated.reset();
+                    self.apply(message).await?;
+                }
+                Ok(None) => return Err(Stop::Retry("the server ended the stream".into())),
+                Err(status) => return Err(self.stop(&status)),
+            }
+        }
+    }
+
+    fn stop(&self, status: &tonic::Status) -> Stop {
+        if node::is_refusal(status) {
+            // The renewal decides: a new SVID, or the end of the agent.
+            self.renew_now.notify_one();
+        }
+        Stop::Retry(client::describe_status(status))
+    }
+
+    /// Applies one message: checks the entries and the bundle, and hands the
+    /// result to the manager.
+    async fn apply(&mut self, message: SyncEntriesResponse) -> Result<(), Stop> {
+        let mut update = Update::default();
+        for wire in &message.upserted {
+            match check_entry(wire, &self.td) {
+                Ok(entry) => {
+                    self.known.insert(entry.id.clone(), entry.revision);
+                    update.upserted.push(entry);
+                }
+                Err(error) => {
+                    tracing::warn!(entry.id = %wire.id, error = %error, "ignoring an invalid entry from the server");
+                    // An older revision may be held: it is no longer what
+                    // the server has.
+                    if self.known.remove(&wire.id).is_some() {
+                        update.deleted.push(wire.id.clone());
+                    }
+                }
+            }
+        }
+        for id in message.deleted {
+            self.known.remove(&id);
+            update.deleted.push(id);
+        }
+        if let Some(wire) = &message.bundle {
+            self.apply_bundle(wire, &mut update);
+        }
+        update.applied = self.first_applied.take();
+        tracing::debug!(
+            upserted = update.upserted.len(),
+            deleted = update.deleted.len(),
+            bundle = update.bundle.is_some(),
+            "entry sync message"
+        );
+        self.updates
+            .send(update)
+            .await
+            .map_err(|_| Stop::Fatal(SyncError::ManagerGone))
+    }
+
+    fn apply_bundle(&mut self, wire: &sigil::proto::sigil::types::v1::Bundle, update: &mut Update) {
+        if self.bundle_sequence == Some(wire.sequence) {
+            return;
+        }
+        let bundle = match node::bundle_from_proto(wire, &self.td) {
+            Ok(b) => b,
+            Err(error) => {
+                tracing::warn!(error = %error, "ignoring an invalid bundle from the server");
+                return;
+            }
+        };
+        if let Err(error) = self.trust.replace(&bundle) {
+            tracing::warn!(error = %error, "ignoring an unusable bundle from the server");
+            return;
+        }
+        if let Err(error) = self.storage.save_bundle(&bundle) {
+            tracing::warn!(error = %error, "cannot store the bundle");
+        }
+        tracing::info!(
+            sequence = wire.sequence,
+            authorities = bundle.authorities().len(),
+            "trust bundle updated"
+        );
+        self.bundle_sequence = Some(wire.sequence);
+        update.bundle = Some(bundle);
+    }
+}
+
+/// Why a stream stopped.
+enum Stop {
+    /// Reconnect after the backoff.
+    Retry(String),
+    /// Stop syncing.
+    Fatal(SyncError),
+}
+
+/// Converts a wire entry, which must have an ID.
+fn check_entry(
+    wire: &sigil::proto::sigil::types::v1::Entry,
+    td: &TrustDomain,
+) -> Result<Entry, String> {
+    if wire.id.is_empty() {
+        return Err("id: is required".into());
+    }
+    Entry::from_proto(wire, td).map_err(|e| e.to_string())
+}

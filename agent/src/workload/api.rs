@@ -1,0 +1,579 @@
+//! The `SpiffeWorkloadAPI` gRPC service: hands each caller the X.509-SVIDs
+//! and bundle it is entitled to, and pushes updates on open streams.
+//!
+//! Rules followed (SPIFFE conformance notes, sections 4 and 7.4):
+//! - every call must carry the metadata `workload.spiffe.io: true` (one
+//!   value), else `INVALID_ARGUMENT` (WA-5, WA-6);
+//! - the caller is attested once per call from the kernel's SO_PEERCRED
+//!   facts; its identities are the snapshot's entries whose selectors are a
+//!   subset of the caller's and that have an SVID, in snapshot order, so the
+//!   first (the default identity) stays stable (WA-28);
+//! - a stream sends its first message at once and afterwards only when what
+//!   the caller gets changed, each time the full state (WA-15..WA-17);
+//! - a caller with no identity gets `PERMISSION_DENIED` `no identity issued`
+//!   (WA-8, RS-7), also when its identities disappear later (WA-14); one
+//!   whose entries have no SVID yet waits up to [`PENDING_WAIT`] first;
+//! - no message ever has an empty `svids` or a zero-length bundle (WA-24),
+//!   and no stream ends with OK (WA-19): shutdown ends it with
+//!   `UNAVAILABLE`;
+//! - JWT-SVIDs and WIT-SVIDs are not supported: `UNIMPLEMENTED` (WA-4).
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sigil::Selectors;
+use sigil::proto::workload::spiffe_workload_api_server::{
+    SpiffeWorkloadApi, SpiffeWorkloadApiServer,
+};
+use sigil::proto::workload::{
+    JwtBundlesRequest, JwtBundlesResponse, JwtsvidRequest, JwtsvidResponse, ValidateJwtsvidRequest,
+    ValidateJwtsvidResponse, WitBundlesRequest, WitBundlesResponse, WitsvidRequest,
+    WitsvidResponse, X509BundlesRequest, X509BundlesResponse, X509svid, X509svidRequest,
+    X509svidResponse,
+};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_stream::Stream;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::server::UdsConnectInfo;
+use tonic::{Request, Response, Status};
+
+use super::attestor::{AttestError, Attestor, Peer};
+use crate::cache::{Snapshot, SnapshotReceiver, Svid};
+
+/// The metadata key every Workload API call must carry with the value
+/// `true`.
+pub(crate) const SECURITY_HEADER: &str = "workload.spiffe.io";
+
+/// The status message of a call without the security header (SPIRE's).
+pub(crate) const MISSING_HEADER: &str = "security header missing from request";
+
+/// The status message for a caller entitled to nothing (SPIRE's wording,
+/// which the Rust `spiffe` crate matches on).
+pub(crate) const NO_IDENTITY: &str = "no identity issued";
+
+/// The status message when the caller cannot be attested.
+pub(crate) const ATTESTATION_FAILED: &str = "workload attestation failed";
+
+/// The status message of streams ended because the agent stops.
+pub(crate) const SHUTTING_DOWN: &str = "agent shutting down";
+
+/// The status message of the JWT-SVID RPCs.
+pub(crate) const JWT_UNSUPPORTED: &str = "JWT-SVIDs are not supported by this agent";
+
+/// The status message of the WIT-SVID RPCs.
+pub(crate) const WIT_UNSUPPORTED: &str = "WIT-SVIDs are not supported by this agent";
+
+/// How long a caller whose entries have no SVID yet (the agent has just
+/// started, or an SVID is being re-signed) waits for one before it is told
+/// `no identity issued`.
+pub(crate) const PENDING_WAIT: Duration = Duration::from_secs(5);
+
+/// The server-streaming responses of this service.
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// The interceptor that rejects calls without the security header.
+pub(crate) type HeaderCheck = fn(Request<()>) -> Result<Request<()>, Status>;
+
+/// The service, ready to be added to a tonic server.
+pub(crate) type Service = InterceptedService<SpiffeWorkloadApiServer<WorkloadApi>, HeaderCheck>;
+
+/// The Workload API over the agent's current [`Snapshot`].
+#[derive(Debug, Clone)]
+pub(crate) struct WorkloadApi {
+    snapshots: SnapshotReceiver,
+    stopping: watch::Receiver<bool>,
+    attestor: Arc<Attestor>,
+}
+
+// === impl WorkloadApi ===
+
+impl WorkloadApi {
+    /// A service serving `snapshots`; its open streams end with
+    /// `UNAVAILABLE` once `stopping` turns true or its sender is dropped.
+    pub(crate) fn new(snapshots: SnapshotReceiver, stopping: watch::Receiver<bool>) -> Self {
+        Self {
+            snapshots,
+            stopping,
+            attestor: Arc::new(Attestor::default()),
+        }
+    }
+
+    /// The gRPC service, with the security header check in front.
+    pub(crate) fn into_service(self) -> Service {
+        SpiffeWorkloadApiServer::with_interceptor(self, check_security_header as HeaderCheck)
+    }
+
+    /// Attests the caller of `request` from its socket's peer credentials.
+    async fn attest_caller<T>(&self, request: &Request<T>) -> Result<(Peer, Selectors), Status> {
+        let Some(peer) = request
+            .extensions()
+            .get::<UdsConnectInfo>()
+            .and_then(|info| info.peer_cred.as_ref())
+            .and_then(Peer::from_ucred)
+        else {
+            tracing::warn!("caller has no peer credentials; workload attestation failed");
+            return Err(Status::unavailable(ATTESTATION_FAILED));
+        };
+        match self.attestor.attest(peer).await {
+            Ok(selectors) => Ok((peer, selectors)),
+            Err(e @ AttestError::Vanished { .. }) => {
+                tracing::debug!(pid = peer.pid, uid = peer.uid, error = %e, "no identity issued");
+                Err(Status::permission_denied(NO_IDENTITY))
+            }
+            Err(e) => {
+                tracing::warn!(pid = peer.pid, uid = peer.uid, error = %e, "workload attestation failed");
+                Err(Status::unavailable(ATTESTATION_FAILED))
+            }
+        }
+    }
+
+    fn stream<F: Feed>(&self, feed: F) -> ResponseStream<F::Response> {
+        Box::pin(drive(feed, self.snapshots.clone(), self.stopping.clone()))
+    }
+}
+
+#[tonic::async_trait]
+impl SpiffeWorkloadApi for WorkloadApi {
+    type FetchX509SVIDStream = ResponseStream<X509svidResponse>;
+    type FetchX509BundlesStream = ResponseStream<X509BundlesResponse>;
+    type FetchJWTBundlesStream = ResponseStream<JwtBundlesResponse>;
+    type FetchWITSVIDStream = ResponseStream<WitsvidResponse>;
+    type FetchWITBundlesStream = ResponseStream<WitBundlesResponse>;
+
+    async fn fetch_x509svid(
+        &self,
+        request: Request<X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        let (peer, selectors) = self.attest_caller(&request).await?;
+        tracing::debug!(pid = peer.pid, uid = peer.uid, "X.509-SVID stream opened");
+        Ok(Response::new(self.stream(X509SvidFeed { selectors })))
+    }
+
+    async fn fetch_x509_bundles(
+        &self,
+        request: Request<X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        let (peer, selectors) = self.attest_caller(&request).await?;
+        tracing::debug!(pid = peer.pid, uid = peer.uid, "X.509 bundle stream opened");
+        Ok(Response::new(self.stream(X509BundlesFeed { selectors })))
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        _request: Request<JwtsvidRequest>,
+    ) -> Result<Response<JwtsvidResponse>, Status> {
+        Err(Status::unimplemented(JWT_UNSUPPORTED))
+    }
+
+    async fn fetch_jwt_bundles(
+        &self,
+        _request: Request<JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        Err(Status::unimplemented(JWT_UNSUPPORTED))
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        _request: Request<ValidateJwtsvidRequest>,
+    ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
+        Err(Status::unimplemented(JWT_UNSUPPORTED))
+    }
+
+    async fn fetch_witsvid(
+        &self,
+        _request: Request<WitsvidRequest>,
+    ) -> Result<Response<Self::FetchWITSVIDStream>, Status> {
+        Err(Status::unimplemented(WIT_UNSUPPORTED))
+    }
+
+    async fn fetch_wit_bundles(
+        &self,
+        _request: Request<WitBundlesRequest>,
+    ) -> Result<Response<Self::FetchWITBundlesStream>, Status> {
+        Err(Status::unimplemented(WIT_UNSUPPORTED))
+    }
+}
+
+/// Lets a call through only if it carries exactly one `workload.spiffe.io`
+/// value and that value is `true` (WA-6).
+pub(crate) fn check_security_header(request: Request<()>) -> Result<Request<()>, Status> {
+    let mut values = request.metadata().get_all(SECURITY_HEADER).iter();
+    let ok = matches!((values.next(), values.next()), (Some(v), None) if v == "true");
+    if ok {
+        Ok(request)
+    } else {
+        Err(Status::invalid_argument(MISSING_HEADER))
+    }
+}
+
+// === streams ===
+
+/// What a caller gets from one snapshot, reduced to what tells two
+/// responses apart.
+#[derive(Debug, PartialEq)]
+enum View<K> {
+    /// The caller gets a response; `K` identifies its content.
+    Ready(K),
+    /// The caller has entries but no SVID yet (or there is no bundle yet).
+    Pending,
+    /// The caller has no entry.
+    Denied,
+}
+
+/// One kind of stream: how a snapshot turns into the caller's response.
+trait Feed: Send + 'static {
+    /// Equal keys mean equal responses.
+    type Key: PartialEq + Send;
+    /// The message type.
+    type Response: Send + 'static;
+
+    /// What the caller gets from `snapshot`, cheaply.
+    fn view(&self, snapshot: &Snapshot) -> View<Self::Key>;
+
+    /// The full response, for a snapshot whose view is ready.
+    fn build(&self, snapshot: &Snapshot) -> Self::Response;
+}
+
+/// Why a stream stopped waiting.
+enum Wake {
+    Changed,
+    Stopping,
+    Expired,
+}
+
+/// Runs a stream: the caller's response for the current snapshot at once,
+/// then a new one each time it changes, until the caller has no identity
+/// left (or has had none for [`PENDING_WAIT`]) or the agent stops.
+///
+/// The stream owns everything it uses; when the caller goes away tonic
+/// drops it, which ends the work.
+fn drive<F: Feed>(
+    feed: F,
+    mut snapshots: SnapshotReceiver,
+    mut stopping: watch::Receiver<bool>,
+) -> impl Stream<Item = Result<F::Response, Status>> + Send {
+    async_stream::stream! {
+        let mut last_sent: Option<F::Key> = None;
+        let mut pending_until: Option<Instant> = None;
+        loop {
+            let snapshot = Arc::clone(&snapshots.borrow_and_update());
+            match feed.view(&snapshot) {
+                View::Ready(key) => {
+                    pending_until = None;
+                    if last_sent.as_ref() != Some(&key) {
+                        yield Ok(feed.build(&snapshot));
+                        last_sent = Some(key);
+                    }
+                }
+                View::Pending => {
+                    pending_until.get_or_insert_with(|| Instant::now() + PENDING_WAIT);
+                }
+                View::Denied => {
+                    yield Err(Status::permission_denied(NO_IDENTITY));
+                    break;
+                }
+            }
+            drop(snapshot);
+
+            let wake = tokio::select! {
+                changed = snapshots.changed() => match changed {
+                    Ok(()) => Wake::Changed,
+                    Err(_) => Wake::Stopping,
+                },
+                _ = stopping.wait_for(|stopping| *stopping) => Wake::Stopping,
+                () = sleep_until(pending_until) => Wake::Expired,
+            };
+            match wake {
+                Wake::Changed => {}
+                Wake::Stopping => {
+                    yield Err(Status::unavailable(SHUTTING_DOWN));
+                    break;
+                }
+                Wake::Expired => {
+                    yield Err(Status::permission_denied(NO_IDENTITY));
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Sleeps until `deadline`, or forever if there is none.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The SVIDs a caller gets from a snapshot, in order, with the hint each is
+/// sent with (a hint already used by an earlier SVID is sent empty).
+/// `matched` tells whether any entry applies to the caller, with or without
+/// an SVID.
+struct Served<'a> {
+    svids: Vec<(&'a Arc<Svid>, &'a str)>,
+    matched: bool,
+}
+
+fn served<'a>(snapshot: &'a Snapshot, selectors: &Selectors) -> Served<'a> {
+    let mut svids: Vec<(&Arc<Svid>, &str)> = Vec::new();
+    let mut matched = false;
+    for identity in &snapshot.identities {
+        if !identity.entry.selectors.is_subset_of(selectors) {
+            continue;
+        }
+        matched = true;
+        let Some(svid) = identity.svid.as_ref() else {
+            continue;
+        };
+        let hint = identity.entry.hint.as_str();
+        let used = !hint.is_empty() && svids.iter().any(|(_, h)| *h == hint);
+        svids.push((svid, if used { "" } else { hint }));
+    }
+    Served { svids, matched }
+}
+
+/// What the caller's X.509-SVID response holds: the SVIDs (compared by
+/// identity: a rotated SVID is a new `Arc`) with their hints, and the
+/// bundle.
+#[derive(Debug)]
+struct X509SvidKey {
+    svids: Vec<(Arc<Svid>, String)>,
+    bundle: Arc<Vec<u8>>,
+}
+
+impl PartialEq for X509SvidKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.svids.len() == other.svids.len()
+            && self
+                .svids
+                .iter()
+                .zip(&other.svids)
+                .all(|((a, ha), (b, hb))| Arc::ptr_eq(a, b) && ha == hb)
+            && self.bundle == other.bundle
+    }
+}
+
+/// `FetchX509SVID`.
+struct X509SvidFeed {
+    selectors: Selectors,
+}
+
+impl Feed for X509SvidFeed {
+    type Key = X509SvidKey;
+    type Response = X509svidResponse;
+
+    fn view(&self, snapshot: &Snapshot) -> View<X509SvidKey> {
+        let served = served(snapshot, &self.selectors);
+        if !served.matched {
+            View::Denied
+        } else if served.svids.is_empty() || snapshot.bundle_der.is_empty() {
+            View::Pending
+        } else {
+            View::Ready(X509SvidKey {
+                svids: served
+                    .svids
+                    .into_iter()
+                    .map(|(svid, hint)| (Arc::clone(svid), hint.to_owned()))
+                    .collect(),
+                bundle: Arc::clone(&snapshot.bundle_der),
+            })
+        }
+    }
+
+    fn build(&self, snapshot: &Snapshot) -> X509svidResponse {
+        let svids = served(snapshot, &self.selectors)
+            .svids
+            .into_iter()
+            .map(|(svid, hint)| X509svid {
+                spiffe_id: spiffe_id_of(svid),
+                x509_svid: svid.chain_der.clone(),
+                x509_svid_key: svid.key.der().to_vec(),
+                bundle: snapshot.bundle_der.to_vec(),
+                hint: hint.to_owned(),
+            })
+            .collect();
+        X509svidResponse {
+            svids,
+            crl: Vec::new(),
+            federated_bundles: HashMap::new(),
+        }
+    }
+}
+
+/// The SPIFFE ID an SVID carries, from its leaf, so the `spiffe_id` field
+/// always agrees with the certificate (WA-26).
+fn spiffe_id_of(svid: &Svid) -> String {
+    svid.chain
+        .first()
+        .and_then(|leaf| sigil::x509::spiffe_id_of(leaf).ok())
+        .map(|id| id.to_string())
+        .unwrap_or_default()
+}
+
+/// `FetchX509Bundles`: served to callers that have an identity.
+struct X509BundlesFeed {
+    selectors: Selectors,
+}
+
+impl Feed for X509BundlesFeed {
+    type Key = Arc<Vec<u8>>;
+    type Response = X509BundlesResponse;
+
+    fn view(&self, snapshot: &Snapshot) -> View<Arc<Vec<u8>>> {
+        let served = served(snapshot, &self.selectors);
+        if !served.matched {
+            View::Denied
+        } else if served.svids.is_empty() || snapshot.bundle_der.is_empty() {
+            View::Pending
+        } else {
+            View::Ready(Arc::clone(&snapshot.bundle_der))
+        }
+    }
+
+    fn build(&self, snapshot: &Snapshot) -> X509BundlesResponse {
+        let td = snapshot.bundle.trust_domain().id_string();
+        X509BundlesResponse {
+            crl: Vec::new(),
+            bundles: HashMap::from([(td, snapshot.bundle_der.to_vec())]),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio_stream::StreamExt;
+
+    use super::*;
+    use crate::workload::tests::{Ca, own_selectors};
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_whose_svid_does_not_come_is_denied_after_the_wait() {
+        let ca = Ca::new();
+        let pending = ca.pending_identity("/web", &own_selectors());
+        let (_tx, rx) = watch::channel(ca.snapshot(vec![pending], 1));
+        let (_stop_tx, stop_rx) = watch::channel(false);
+        let feed = X509SvidFeed {
+            selectors: own_selectors(),
+        };
+
+        let started = Instant::now();
+        let mut stream = Box::pin(drive(feed, rx, stop_rx));
+        let status = stream.next().await.unwrap().unwrap_err();
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+        assert_eq!(status.message(), NO_IDENTITY);
+        assert_eq!(started.elapsed(), PENDING_WAIT);
+        assert!(stream.next().await.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_svid_that_comes_within_the_wait_is_sent() {
+        let ca = Ca::new();
+        let pending = ca.pending_identity("/web", &own_selectors());
+        let (tx, rx) = watch::channel(ca.snapshot(vec![pending], 1));
+        let (_stop_tx, stop_rx) = watch::channel(false);
+        let feed = X509SvidFeed {
+            selectors: own_selectors(),
+        };
+        let mut stream = Box::pin(drive(feed, rx, stop_rx));
+
+        let ready = ca.identity("/web", &own_selectors(), "");
+        let sender = async {
+            tokio::time::sleep(PENDING_WAIT - Duration::from_secs(1)).await;
+            tx.send_replace(ca.snapshot(vec![ready], 2));
+        };
+        let (first, ()) = tokio::join!(stream.next(), sender);
+        let response = first.unwrap().unwrap();
+        assert_eq!(response.svids.len(), 1);
+        assert_eq!(response.svids[0].spiffe_id, "spiffe://example.org/web");
+    }
+
+    #[tokio::test]
+    async fn the_stopping_signal_ends_streams_with_unavailable() {
+        let ca = Ca::new();
+        let identity = ca.identity("/web", &own_selectors(), "");
+        let (_tx, rx) = watch::channel(ca.snapshot(vec![identity], 1));
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let feed = X509BundlesFeed {
+            selectors: own_selectors(),
+        };
+        let mut stream = Box::pin(drive(feed, rx, stop_rx));
+        stream.next().await.unwrap().unwrap();
+        stop_tx.send_replace(true);
+        let status = stream.next().await.unwrap().unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert_eq!(status.message(), SHUTTING_DOWN);
+        assert!(stream.next().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_caller_without_peer_credentials_is_unavailable() {
+        let ca = Ca::new();
+        let identity = ca.identity("/web", &own_selectors(), "");
+        let (_tx, rx) = watch::channel(ca.snapshot(vec![identity], 1));
+        let (_stop_tx, stop_rx) = watch::channel(false);
+        let api = WorkloadApi::new(rx, stop_rx);
+        // No UdsConnectInfo in the request: not a Unix socket caller.
+        let Err(status) = api.fetch_x509svid(Request::new(X509svidRequest {})).await else {
+            panic!("served a caller without credentials");
+        };
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert_eq!(status.message(), ATTESTATION_FAILED);
+    }
+
+    #[test]
+    fn hints_are_unique_in_a_response_and_order_is_kept() {
+        let ca = Ca::new();
+        let mine = own_selectors();
+        let other = crate::workload::tests::uid_selectors(u32::MAX - 7);
+        let snapshot = ca.snapshot(
+            vec![
+                ca.identity("/a", &mine, "internal"),
+                ca.identity("/b", &other, "external"),
+                ca.pending_identity("/c", &mine),
+                ca.identity("/d", &mine, "internal"),
+                ca.identity("/e", &mine, "external"),
+                ca.identity("/f", &mine, ""),
+            ],
+            1,
+        );
+        let response = X509SvidFeed { selectors: mine }.build(&snapshot);
+        let got: Vec<(&str, &str)> = response
+            .svids
+            .iter()
+            .map(|s| (s.spiffe_id.as_str(), s.hint.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("spiffe://example.org/a", "internal"),
+                ("spiffe://example.org/d", ""),
+                ("spiffe://example.org/e", "external"),
+                ("spiffe://example.org/f", ""),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_header_must_be_exactly_one_true() {
+        let with = |values: &[&'static str]| {
+            let mut request = Request::new(());
+            for v in values {
+                request.metadata_mut().append(
+                    SECURITY_HEADER,
+                    tonic::metadata::MetadataValue::from_static(v),
+                );
+            }
+            check_security_header(request).map(|_| ())
+        };
+        assert!(with(&["true"]).is_ok());
+        for bad in [&[][..], &["false"], &["TRUE"], &["true", "true"], &[""]] {
+            let status = with(bad).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{bad:?}");
+            assert_eq!(status.message(), MISSING_HEADER);
+        }
+    }
+}

@@ -1,0 +1,43 @@
+//! The server's gRPC services: the agent API (TCP, mTLS) and the admin API
+//! (local Unix socket).
+
+pub(crate) mod admin;
+pub(crate) mod agent;
+mod issue;
+mod sync;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::Status;
+
+use crate::ca::Ca;
+use crate::registry::Registry;
+use crate::shutdown::Shutdown;
+use crate::store::Store;
+use crate::tokens::JoinTokens;
+
+/// What the services share.
+#[derive(Debug)]
+pub(crate) struct Services {
+    /// The CA and bundle.
+    pub(crate) ca: Arc<Ca>,
+    /// Durable state.
+    pub(crate) store: Arc<dyn Store>,
+    /// The registration entries.
+    pub(crate) registry: Arc<Registry>,
+    /// Join tokens.
+    pub(crate) tokens: Arc<JoinTokens>,
+    /// Lifetime of workload SVIDs whose entry sets none.
+    pub(crate) default_x509_svid_ttl: Duration,
+    /// Lifetime of agent SVIDs.
+    pub(crate) agent_svid_ttl: Duration,
+    /// Fires when the server stops.
+    pub(crate) shutdown: Shutdown,
+}
+
+/// An INTERNAL status for a server-side failure, which is logged.
+pub(crate) fn internal(context: &str, error: impl std::fmt::Display) -> Status {
+    tracing::error!(error = %error, "{context}");
+    Status::internal(format!("{context}: {error}"))
+}

@@ -1,0 +1,338 @@
+//! The registration entries, all held in memory and indexed by parent ID,
+//! with change notifications for the agents' sync streams.
+//!
+//! Every change is written to the [`Store`] first, then applied in memory;
+//! subscribers are notified once the store has flushed, so a change an agent
+//! hears about is durable.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::ops::Bound;
+use std::sync::{Arc, PoisonError, RwLock};
+
+use sigil::entry::FieldError;
+use sigil::proto::sigil::types::v1 as pb;
+use sigil::{Entry, SpiffeId, TrustDomain};
+use tokio::sync::{Mutex, watch};
+
+use crate::clock;
+use crate::store::{Store, StoreError};
+
+/// Why an entry could not be created, changed or deleted.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RegistryError {
+    /// A field is malformed.
+    #[error(transparent)]
+    Invalid(#[from] FieldError),
+    /// The entry names itself as its parent.
+    #[error("parent_id: must differ from spiffe_id")]
+    ParentIsSelf,
+    /// Another entry has the same SPIFFE ID, parent and selectors.
+    #[error("entry with the same spiffe_id, parent_id and selectors exists: {0}")]
+    Duplicate(String),
+    /// No entry has this ID.
+    #[error("no entry {0:?}")]
+    NotFound(String),
+    /// The entry ID is empty.
+    #[error("is required")]
+    MissingId,
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl RegistryError {
+    /// The gRPC status code for this error.
+    pub(crate) fn code(&self) -> tonic::Code {
+        match self {
+            Self::Invalid(_) | Self::ParentIsSelf | Self::MissingId => tonic::Code::InvalidArgument,
+            Self::Duplicate(_) => tonic::Code::AlreadyExists,
+            Self::NotFound(_) => tonic::Code::NotFound,
+            Self::Store(_) => tonic::Code::Internal,
+        }
+    }
+
+    /// The message for item `item` of a request (e.g. `entries[2]`):
+    /// `entries[2].spiffe_id: …`, or `entries[2]: …` when no single field is
+    /// at fault. `id_field` names the field holding the entry ID, if the
+    /// item is more than the ID.
+    pub(crate) fn item_message(&self, item: &str, id_field: Option<&str>) -> String {
+        match (self, id_field) {
+            (Self::NotFound(_) | Self::MissingId, Some(field)) => format!("{item}.{field}: {self}"),
+            (Self::NotFound(_) | Self::MissingId | Self::Duplicate(_) | Self::Store(_), _) => {
+                format!("{item}: {self}")
+            }
+            (Self::Invalid(_) | Self::ParentIsSelf, _) => format!("{item}.{self}"),
+        }
+    }
+}
+
+/// Filters and position of one page of [`Registry::list`].
+#[derive(Debug, Default)]
+pub(crate) struct ListQuery<'a> {
+    /// Only entries with this SPIFFE ID.
+    pub(crate) spiffe_id: Option<&'a SpiffeId>,
+    /// Only entries with this parent.
+    pub(crate) parent_id: Option<&'a SpiffeId>,
+    /// Only entries whose ID sorts after this one.
+    pub(crate) after: Option<&'a str>,
+    /// At most this many entries.
+    pub(crate) limit: usize,
+}
+
+#[derive(Debug, Default)]
+struct Index {
+    entries: BTreeMap<String, Arc<Entry>>,
+    by_parent: HashMap<SpiffeId, BTreeSet<String>>,
+}
+
+/// All registration entries of the trust domain.
+#[derive(Debug)]
+pub(crate) struct Registry {
+    td: TrustDomain,
+    store: Arc<dyn Store>,
+    index: RwLock<Index>,
+    /// Serializes writers, so validation and write see a stable index.
+    writer: Mutex<()>,
+    changes: watch::Sender<u64>,
+}
+
+// === impl Index ===
+
+impl Index {
+    fn insert(&mut self, entry: Arc<Entry>) {
+        self.remove(&entry.id);
+        self.by_parent
+            .entry(entry.parent_id.clone())
+            .or_default()
+            .insert(entry.id.clone());
+        self.entries.insert(entry.id.clone(), entry);
+    }
+
+    fn remove(&mut self, id: &str) -> Option<Arc<Entry>> {
+        let old = self.entries.remove(id)?;
+        if let Some(ids) = self.by_parent.get_mut(&old.parent_id) {
+            ids.remove(id);
+            if ids.is_empty() {
+                self.by_parent.remove(&old.parent_id);
+            }
+        }
+        Some(old)
+    }
+
+    /// The ID of another entry registering the same thing as `entry`.
+    fn duplicate_of(&self, entry: &Entry) -> Option<String> {
+        self.by_parent
+            .get(&entry.parent_id)?
+            .iter()
+            .filter(|id| **id != entry.id)
+            .filter_map(|id| self.entries.get(id))
+            .find(|other| other.same_registration(entry))
+            .map(|other| other.id.clone())
+    }
+
+    fn entitled(&self, agent: &SpiffeId) -> Vec<Arc<Entry>> {
+        let mut out = Vec::new();
+        let mut seen_parents = HashSet::from([agent.clone()]);
+        let mut queue = VecDeque::from([agent.clone()]);
+        while let Some(parent) = queue.pop_front() {
+            let Some(ids) = self.by_parent.get(&parent) else {
+                continue;
+            };
+            for entry in ids.iter().filter_map(|id| self.entries.get(id)) {
+                out.push(Arc::clone(entry));
+                if seen_parents.insert(entry.spiffe_id.clone()) {
+                    queue.push_back(entry.spiffe_id.clone());
+                }
+            }
+        }
+        out
+    }
+}
+
+// === impl Registry ===
+
+impl Registry {
+    /// Loads every entry from the store.
+    pub(crate) async fn load(td: TrustDomain, store: Arc<dyn Store>) -> Result<Self, StoreError> {
+        let mut index = Index::default();
+        for entry in store.list_entries().await? {
+            index.insert(Arc::new(entry));
+        }
+        Ok(Self {
+            td,
+            store,
+            index: RwLock::new(index),
+            writer: Mutex::new(()),
+            changes: watch::Sender::new(0),
+        })
+    }
+
+    /// A receiver whose value changes whenever entries change.
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// How many entries there are.
+    pub(crate) fn len(&self) -> usize {
+        self.read(|index| index.entries.len())
+    }
+
+    /// One entry.
+    pub(crate) fn get(&self, id: &str) -> Option<Arc<Entry>> {
+        self.read(|index| index.entries.get(id).cloned())
+    }
+
+    /// The entries an agent is entitled to: those whose parent is the agent,
+    /// and recursively those whose parent is the SPIFFE ID of an entitled
+    /// entry.
+    pub(crate) fn entitled(&self, agent: &SpiffeId) -> Vec<Arc<Entry>> {
+        self.read(|index| index.entitled(agent))
+    }
+
+    /// One page of entries, sorted by ID, and whether more follow.
+    pub(crate) fn list(&self, query: &ListQuery<'_>) -> (Vec<Arc<Entry>>, bool) {
+        self.read(|index| {
+            let start = query
+                .after
+                .map_or(Bound::Unbounded, |id| Bound::Excluded(id.to_owned()));
+            let mut page: Vec<Arc<Entry>> = index
+                .entries
+                .range((start, Bound::Unbounded))
+                .map(|(_, e)| e)
+                .filter(|e| query.spiffe_id.is_none_or(|id| e.spiffe_id == *id))
+                .filter(|e| query.parent_id.is_none_or(|id| e.parent_id == *id))
+                .take(query.limit.saturating_add(1))
+                .cloned()
+                .collect();
+            let more = page.len() > query.limit;
+            page.truncate(query.limit);
+            (page, more)
+        })
+    }
+
+    /// Creates entries; each gets a new ID, revision and creation time.
+    pub(crate) async fn create(
+        &self,
+        items: &[pb::Entry],
+    ) -> Vec<Result<Arc<Entry>, RegistryError>> {
+        let _writer = self.writer.lock().await;
+        let mut results = Vec::with_capacity(items.len());
+        for item in items {
+            results.push(self.create_one(item).await);
+        }
+        self.commit(results).await
+    }
+
+    async fn create_one(&self, item: &pb::Entry) -> Result<Arc<Entry>, RegistryError> {
+        let mut entry = self.validate(item)?;
+        entry.id = uuid::Uuid::new_v4().to_string();
+        if let Some(existing) = self.read(|index| index.duplicate_of(&entry)) {
+            return Err(RegistryError::Duplicate(existing));
+        }
+        entry.revision = self.store.next_revision().await?;
+        entry.created_at = clock::now_unix();
+        self.write(entry).await
+    }
+
+    /// Replaces entries, matched by ID; each keeps its creation time and
+    /// gets a new revision.
+    pub(crate) async fn update(
+        &self,
+        items: &[pb::Entry],
+    ) -> Vec<Result<Arc<Entry>, RegistryError>> {
+        let _writer = self.writer.lock().await;
+        let mut results = Vec::with_capacity(items.len());
+        for item in items {
+            results.push(self.update_one(item).await);
+        }
+        self.commit(results).await
+    }
+
+    async fn update_one(&self, item: &pb::Entry) -> Result<Arc<Entry>, RegistryError> {
+        if item.id.is_empty() {
+            return Err(RegistryError::MissingId);
+        }
+        let current = self
+            .get(&item.id)
+            .ok_or_else(|| RegistryError::NotFound(item.id.clone()))?;
+        let mut entry = self.validate(item)?;
+        if let Some(existing) = self.read(|index| index.duplicate_of(&entry)) {
+            return Err(RegistryError::Duplicate(existing));
+        }
+        entry.created_at = current.created_at;
+        entry.revision = self.store.next_revision().await?;
+        self.write(entry).await
+    }
+
+    /// Deletes entries by ID and returns them as they were.
+    pub(crate) async fn delete(&self, ids: &[String]) -> Vec<Result<Arc<Entry>, RegistryError>> {
+        let _writer = self.writer.lock().await;
+        let mut results = Vec::with_capacity(ids.len());
+        for id in ids {
+            results.push(self.delete_one(id).await);
+        }
+        self.commit(results).await
+    }
+
+    async fn delete_one(&self, id: &str) -> Result<Arc<Entry>, RegistryError> {
+        if id.is_empty() {
+            return Err(RegistryError::MissingId);
+        }
+        if self.get(id).is_none() {
+            return Err(RegistryError::NotFound(id.to_owned()));
+        }
+        self.store.delete_entry(id).await?;
+        let removed = self.modify(|index| index.remove(id));
+        removed.ok_or_else(|| RegistryError::NotFound(id.to_owned()))
+    }
+
+    fn validate(&self, item: &pb::Entry) -> Result<Entry, RegistryError> {
+        let entry = Entry::from_proto(item, &self.td)?;
+        if entry.parent_id == entry.spiffe_id {
+            return Err(RegistryError::ParentIsSelf);
+        }
+        Ok(entry)
+    }
+
+    async fn write(&self, entry: Entry) -> Result<Arc<Entry>, RegistryError> {
+        self.store.put_entry(&entry).await?;
+        let entry = Arc::new(entry);
+        self.modify(|index| index.insert(Arc::clone(&entry)));
+        Ok(entry)
+    }
+
+    /// Flushes the store after a batch and notifies subscribers. If the
+    /// flush fails, the changed items report it.
+    async fn commit(
+        &self,
+        mut results: Vec<Result<Arc<Entry>, RegistryError>>,
+    ) -> Vec<Result<Arc<Entry>, RegistryError>> {
+        if !results.iter().any(Result::is_ok) {
+            return results;
+        }
+        let flushed = self.store.flush().await;
+        self.changes.send_modify(|version| *version += 1);
+        if let Err(e) = flushed {
+            let message = e.to_string();
+            for result in &mut results {
+                if result.is_ok() {
+                    *result = Err(StoreError::Backend(message.clone()).into());
+                }
+            }
+        }
+        results
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&Index) -> T) -> T {
+        // The index is only changed by whole-value operations that cannot
+        // panic half-way, so a poisoned lock still holds a consistent index.
+        f(&self.index.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    fn modify<T>(&self, f: impl FnOnce(&mut Index) -> T) -> T {
+        f(&mut self.index.write().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+#[cfg(test)]
+mod tests;

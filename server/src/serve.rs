@@ -1,0 +1,224 @@
+//! `sigil-server run`: opens the state, starts both APIs, and runs until
+//! SIGINT or SIGTERM.
+//!
+//! Files in the data directory besides the state: `agent-api.addr` (the
+//! agent API's bound address, written once it listens) and `ready` (written
+//! once both APIs accept connections, removed on shutdown).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use sigil::keys::write_public_file;
+use sigil::proto::sigil::admin::v1::admin_server::AdminServer;
+use sigil::proto::sigil::agent::v1::agent_api_server::AgentApiServer;
+use sigil::tls::{SpiffeClientVerifier, SvidResolver, TrustStore};
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::transport::Server;
+
+use crate::api::Services;
+use crate::api::admin::AdminService;
+use crate::api::agent::AgentService;
+use crate::ca::{Ca, create_private_dir, server_svid};
+use crate::config::Config;
+use crate::listen;
+use crate::registry::Registry;
+use crate::shutdown::{self, Trigger};
+use crate::store::{SledStore, Store};
+use crate::tokens::JoinTokens;
+
+/// How long open connections get to finish after shutdown starts.
+const GRACE: Duration = Duration::from_secs(10);
+
+/// How often an idle agent connection is pinged, so the sync streams of
+/// agents that vanished without closing their connection end.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// How long a ping may go unanswered before the connection is dropped.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Largest request the agent API accepts (a full batch of CSRs, or a sync
+/// request listing 100 000 known entries).
+const MAX_AGENT_REQUEST: usize = 16 * 1024 * 1024;
+
+/// A running server.
+#[derive(Debug)]
+pub(crate) struct Running {
+    trigger: Trigger,
+    fatal: mpsc::Receiver<String>,
+    tasks: Vec<JoinHandle<()>>,
+    store: Arc<dyn Store>,
+    data_dir: PathBuf,
+    admin_socket: PathBuf,
+}
+
+/// Runs the server until SIGINT or SIGTERM.
+pub(crate) async fn run(config: Config) -> anyhow::Result<()> {
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut server = start(&config).await?;
+    let outcome = tokio::select! {
+        _ = sigterm.recv() => {
+            tracing::info!("SIGTERM received; shutting down");
+            Ok(())
+        }
+        _ = sigint.recv() => {
+            tracing::info!("SIGINT received; shutting down");
+            Ok(())
+        }
+        failure = server.fatal.recv() => {
+            Err(anyhow::anyhow!(failure.unwrap_or_else(|| "a listener stopped".into())))
+        }
+    };
+    server.stop().await?;
+    outcome
+}
+
+/// Opens the state, starts both APIs and writes the `ready` file.
+pub(crate) async fn start(config: &Config) -> anyhow::Result<Running> {
+    let data_dir = config.data_dir.clone();
+    create_private_dir(&data_dir)?;
+    let addr_file = data_dir.join("agent-api.addr");
+    let ready_file = data_dir.join("ready");
+    remove_if_present(&ready_file)?;
+    remove_if_present(&addr_file)?;
+
+    let td = config.trust_domain.clone();
+    let store: Arc<dyn Store> = Arc::new(
+        SledStore::open(&data_dir.join("store"))
+            .with_context(|| format!("opening the store in {}", data_dir.display()))?,
+    );
+    let ca = Arc::new(Ca::load_or_create(
+        &data_dir.join("ca"),
+        &td,
+        config.ca_ttl,
+    )?);
+    let registry = Arc::new(Registry::load(td.clone(), Arc::clone(&store)).await?);
+    tracing::info!(entries = registry.len(), "loaded the registration entries");
+    let tokens = Arc::new(JoinTokens::new(td, Arc::clone(&store)));
+    let (trigger, shutdown) = shutdown::channel();
+
+    let svid = server_svid::issue(ca.authority(), config.default_x509_svid_ttl)?;
+    let resolver = Arc::new(SvidResolver::new(svid.chain.clone(), &svid.key)?);
+    let trust = Arc::new(TrustStore::new(ca.bundle())?);
+    let tls = sigil::tls::server_config(
+        Arc::clone(&resolver),
+        Arc::new(SpiffeClientVerifier::new(trust)),
+    )?;
+
+    let services = Arc::new(Services {
+        ca: Arc::clone(&ca),
+        store: Arc::clone(&store),
+        registry,
+        tokens,
+        default_x509_svid_ttl: config.default_x509_svid_ttl,
+        agent_svid_ttl: config.agent_svid_ttl,
+        shutdown: shutdown.clone(),
+    });
+
+    let tcp = TcpListener::bind(config.bind_address)
+        .await
+        .with_context(|| format!("binding the agent API to {}", config.bind_address))?;
+    let agent_api = tcp
+        .local_addr()
+        .context("reading the agent API's address")?;
+    let uds = listen::bind_admin_socket(
+        &config.admin_socket_path,
+        config.admin_socket_group.as_ref(),
+    )
+    .await?;
+
+    let (fatal_tx, fatal) = mpsc::channel(2);
+    let mut tasks = Vec::new();
+
+    let agent_service = AgentApiServer::new(AgentService::new(Arc::clone(&services)))
+        .max_decoding_message_size(MAX_AGENT_REQUEST);
+    let incoming = listen::tls_incoming(
+        tcp,
+        tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
+        shutdown.clone(),
+    );
+    let serving = Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .add_service(agent_service)
+        .serve_with_incoming_shutdown(incoming, shutdown.clone().wait_owned());
+    tasks.push(supervise("agent API", serving, fatal_tx.clone()));
+    tracing::info!(address = %agent_api, "agent API listening");
+    write_public_file(&addr_file, agent_api.to_string().as_bytes())
+        .with_context(|| format!("writing {}", addr_file.display()))?;
+
+    let serving = Server::builder()
+        .add_service(AdminServer::new(AdminService::new(Arc::clone(&services))))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(uds), shutdown.clone().wait_owned());
+    tasks.push(supervise("admin API", serving, fatal_tx));
+    tracing::info!(path = %config.admin_socket_path.display(), "admin API listening");
+
+    tasks.push(tokio::spawn(server_svid::rotate(
+        Arc::clone(ca.authority()),
+        resolver,
+        config.default_x509_svid_ttl,
+        svid,
+        shutdown,
+    )));
+
+    write_public_file(&ready_file, b"")
+        .with_context(|| format!("writing {}", ready_file.display()))?;
+    tracing::info!(trust_domain = %config.trust_domain, "server ready");
+
+    Ok(Running {
+        trigger,
+        fatal,
+        tasks,
+        store,
+        data_dir,
+        admin_socket: config.admin_socket_path.clone(),
+    })
+}
+
+impl Running {
+    /// Stops accepting, ends open streams, waits (a bounded time) for the
+    /// connections to close, and flushes the store.
+    pub(crate) async fn stop(self) -> anyhow::Result<()> {
+        self.trigger.fire();
+        let tasks = futures::future::join_all(self.tasks);
+        if tokio::time::timeout(GRACE, tasks).await.is_err() {
+            tracing::warn!(
+                grace_secs = GRACE.as_secs(),
+                "some connections did not close in time"
+            );
+        }
+        self.store.flush().await.context("flushing the store")?;
+        let _ = remove_if_present(&self.data_dir.join("ready"));
+        let _ = remove_if_present(&self.admin_socket);
+        tracing::info!("server stopped");
+        Ok(())
+    }
+}
+
+/// Runs a server future; its failure is reported on `fatal`.
+fn supervise(
+    name: &'static str,
+    serving: impl Future<Output = Result<(), tonic::transport::Error>> + Send + 'static,
+    fatal: mpsc::Sender<String>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        if let Err(e) = serving.await {
+            tracing::error!(error = %e, "{name} failed");
+            let _ = fatal.send(format!("{name}: {e}")).await;
+        }
+    })
+}
+
+fn remove_if_present(path: &Path) -> anyhow::Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing {}", path.display())),
+    }
+}

@@ -1,0 +1,108 @@
+//! Durable state of the server: registration entries, the entry revision
+//! counter, join tokens and attested agents.
+//!
+//! [`Store`] is backend-neutral: records travel as serde values of the
+//! domain types, so a SQL backend can implement it as well as the embedded
+//! [`sled`](self::sled) one. Mutating methods do not flush; callers call
+//! [`Store::flush`] once before they report success, so a batch costs one
+//! disk sync.
+
+pub(crate) mod sled;
+
+use serde::{Deserialize, Serialize};
+use sigil::{Entry, SpiffeId};
+
+pub(crate) use self::sled::SledStore;
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum StoreError {
+    /// The storage backend failed.
+    #[error("storage backend: {0}")]
+    Backend(String),
+    /// A stored record could not be decoded.
+    #[error("stored record {key:?} is corrupt: {reason}")]
+    Corrupt {
+        /// The record's key.
+        key: String,
+        /// Why it could not be decoded.
+        reason: String,
+    },
+}
+
+/// A one-time join token as stored: only the token's SHA-256 is the key, so
+/// the store never holds the secret itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct JoinTokenRecord {
+    /// A random public identifier of the token (not the secret).
+    pub(crate) token_id: String,
+    /// The SPIFFE ID the agent attesting with the token receives.
+    pub(crate) agent_id: SpiffeId,
+    /// Expiry in seconds since the Unix epoch.
+    pub(crate) expires_at: i64,
+}
+
+/// An attested agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct AgentRecord {
+    /// The agent's SPIFFE ID.
+    pub(crate) spiffe_id: SpiffeId,
+    /// The node attestor it attested with, e.g. `join_token`.
+    pub(crate) attestation_type: String,
+    /// Serial number (lowercase hex) of the agent's current SVID.
+    pub(crate) serial: String,
+    /// Serial number of the SVID it held before its last renewal, still
+    /// accepted so that a lost renewal response does not lock it out.
+    pub(crate) previous_serial: Option<String>,
+    /// notAfter of the current SVID, in seconds since the Unix epoch.
+    pub(crate) expires_at: i64,
+    /// First attestation, in seconds since the Unix epoch.
+    pub(crate) created_at: i64,
+}
+
+/// Durable storage of the server's state.
+#[tonic::async_trait]
+pub(crate) trait Store: Send + Sync + std::fmt::Debug {
+    /// Inserts or replaces an entry, keyed by its ID.
+    async fn put_entry(&self, entry: &Entry) -> Result<(), StoreError>;
+
+    /// One entry.
+    #[cfg_attr(
+        not(test),
+        expect(dead_code, reason = "the registry serves reads from memory")
+    )]
+    async fn get_entry(&self, id: &str) -> Result<Option<Entry>, StoreError>;
+
+    /// Removes an entry and returns it, if it existed.
+    async fn delete_entry(&self, id: &str) -> Result<Option<Entry>, StoreError>;
+
+    /// Every entry.
+    async fn list_entries(&self) -> Result<Vec<Entry>, StoreError>;
+
+    /// The next entry revision: larger than every revision returned before,
+    /// also across restarts.
+    async fn next_revision(&self) -> Result<u64, StoreError>;
+
+    /// Stores a join token under the SHA-256 of the secret.
+    async fn put_join_token(
+        &self,
+        token_hash: &[u8],
+        record: &JoinTokenRecord,
+    ) -> Result<(), StoreError>;
+
+    /// Removes a join token and returns it: of concurrent callers with the
+    /// same hash, exactly one gets the record.
+    async fn take_join_token(
+        &self,
+        token_hash: &[u8],
+    ) -> Result<Option<JoinTokenRecord>, StoreError>;
+
+    /// Inserts or replaces an agent, keyed by its SPIFFE ID.
+    async fn put_agent(&self, record: &AgentRecord) -> Result<(), StoreError>;
+
+    /// One agent.
+    async fn get_agent(&self, id: &SpiffeId) -> Result<Option<AgentRecord>, StoreError>;
+
+    /// Makes every write so far durable.
+    async fn flush(&self) -> Result<(), StoreError>;
+}

@@ -1,0 +1,274 @@
+//! The embedded [`Store`] backend, on sled.
+//!
+//! Trees: `entries` (entry ID → JSON entry), `join_tokens` (SHA-256 of the
+//! token → JSON record), `agents` (SPIFFE ID → JSON record) and `meta` (the
+//! revision counter, a big-endian u64).
+
+use std::path::Path;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sigil::{Entry, SpiffeId};
+
+use super::{AgentRecord, JoinTokenRecord, Store, StoreError};
+
+const REVISION_KEY: &[u8] = b"entry_revision";
+
+/// A sled database holding the server's state.
+#[derive(Debug, Clone)]
+pub(crate) struct SledStore {
+    db: sled::Db,
+    entries: sled::Tree,
+    join_tokens: sled::Tree,
+    agents: sled::Tree,
+    meta: sled::Tree,
+}
+
+impl SledStore {
+    /// Opens (or creates) the database in `path`.
+    pub(crate) fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new().path(path).open().map_err(|e| match e {
+            sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                StoreError::Backend(format!(
+                    "{} is locked by another process (is another server using this data_dir?)",
+                    path.display()
+                ))
+            }
+            other => backend(other),
+        })?;
+        Ok(Self {
+            entries: db.open_tree("entries").map_err(backend)?,
+            join_tokens: db.open_tree("join_tokens").map_err(backend)?,
+            agents: db.open_tree("agents").map_err(backend)?,
+            meta: db.open_tree("meta").map_err(backend)?,
+            db,
+        })
+    }
+}
+
+fn backend(e: sled::Error) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|e| StoreError::Backend(format!("encoding a record: {e}")))
+}
+
+fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason: e.to_string(),
+    })
+}
+
+fn decode_counter(bytes: &[u8]) -> u64 {
+    <[u8; 8]>::try_from(bytes).map_or(0, u64::from_be_bytes)
+}
+
+#[tonic::async_trait]
+impl Store for SledStore {
+    async fn put_entry(&self, entry: &Entry) -> Result<(), StoreError> {
+        self.entries
+            .insert(entry.id.as_bytes(), encode(entry)?)
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn get_entry(&self, id: &str) -> Result<Option<Entry>, StoreError> {
+        self.entries
+            .get(id.as_bytes())
+            .map_err(backend)?
+            .map(|v| decode(id.as_bytes(), &v))
+            .transpose()
+    }
+
+    async fn delete_entry(&self, id: &str) -> Result<Option<Entry>, StoreError> {
+        self.entries
+            .remove(id.as_bytes())
+            .map_err(backend)?
+            .map(|v| decode(id.as_bytes(), &v))
+            .transpose()
+    }
+
+    async fn list_entries(&self) -> Result<Vec<Entry>, StoreError> {
+        self.entries
+            .iter()
+            .map(|item| {
+                let (k, v) = item.map_err(backend)?;
+                decode(&k, &v)
+            })
+            .collect()
+    }
+
+    async fn next_revision(&self) -> Result<u64, StoreError> {
+        let new = self
+            .meta
+            .update_and_fetch(REVISION_KEY, |old| {
+                let next = old.map_or(0, decode_counter).saturating_add(1);
+                Some(next.to_be_bytes().to_vec())
+            })
+            .map_err(backend)?;
+        Ok(new.map_or(0, |v| decode_counter(&v)))
+    }
+
+    async fn put_join_token(
+        &self,
+        token_hash: &[u8],
+        record: &JoinTokenRecord,
+    ) -> Result<(), StoreError> {
+        self.join_tokens
+            .insert(token_hash, encode(record)?)
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn take_join_token(
+        &self,
+        token_hash: &[u8],
+    ) -> Result<Option<JoinTokenRecord>, StoreError> {
+        // `remove` is atomic: of concurrent removals only one sees the value.
+        self.join_tokens
+            .remove(token_hash)
+            .map_err(backend)?
+            .map(|v| decode(b"join token", &v))
+            .transpose()
+    }
+
+    async fn put_agent(&self, record: &AgentRecord) -> Result<(), StoreError> {
+        self.agents
+            .insert(record.spiffe_id.as_str().as_bytes(), encode(record)?)
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn get_agent(&self, id: &SpiffeId) -> Result<Option<AgentRecord>, StoreError> {
+        let key = id.as_str().as_bytes();
+        self.agents
+            .get(key)
+            .map_err(backend)?
+            .map(|v| decode(key, &v))
+            .transpose()
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await.map_err(backend)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use sigil::TrustDomain;
+    use sigil::proto::sigil::types::v1 as pb;
+
+    use super::*;
+
+    fn entry(id: &str) -> Entry {
+        let td = TrustDomain::new("example.org").unwrap();
+        let mut e = Entry::from_proto(
+            &pb::Entry {
+                spiffe_id: "spiffe://example.org/web".into(),
+                parent_id: "spiffe://example.org/sigil/agent/a".into(),
+                selectors: vec![pb::Selector {
+                    r#type: "unix".into(),
+                    value: "uid:1000".into(),
+                }],
+                x509_svid_ttl: 600,
+                ..Default::default()
+            },
+            &td,
+        )
+        .unwrap();
+        e.id = id.into();
+        e
+    }
+
+    fn agent() -> AgentRecord {
+        AgentRecord {
+            spiffe_id: "spiffe://example.org/sigil/agent/a".parse().unwrap(),
+            attestation_type: "join_token".into(),
+            serial: "4a".into(),
+            previous_serial: None,
+            expires_at: 2_000_000_000,
+            created_at: 1_700_000_000,
+        }
+    }
+
+    fn token() -> JoinTokenRecord {
+        JoinTokenRecord {
+            token_id: "0011223344556677".into(),
+            agent_id: "spiffe://example.org/sigil/agent/a".parse().unwrap(),
+            expires_at: 2_000_000_000,
+        }
+    }
+
+    #[tokio::test]
+    async fn everything_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let (r1, r2) = {
+            let store = SledStore::open(&path).unwrap();
+            store.put_entry(&entry("a")).await.unwrap();
+            store.put_entry(&entry("b")).await.unwrap();
+            store.delete_entry("b").await.unwrap();
+            store.put_agent(&agent()).await.unwrap();
+            store.put_join_token(b"hash", &token()).await.unwrap();
+            let r1 = store.next_revision().await.unwrap();
+            let r2 = store.next_revision().await.unwrap();
+            store.flush().await.unwrap();
+            (r1, r2)
+        };
+        assert!(r2 > r1);
+
+        let store = SledStore::open(&path).unwrap();
+        assert_eq!(store.list_entries().await.unwrap(), vec![entry("a")]);
+        assert_eq!(store.get_entry("a").await.unwrap(), Some(entry("a")));
+        assert_eq!(store.get_entry("b").await.unwrap(), None);
+        assert_eq!(
+            store.get_agent(&agent().spiffe_id).await.unwrap(),
+            Some(agent())
+        );
+        assert_eq!(store.take_join_token(b"hash").await.unwrap(), Some(token()));
+        assert!(store.next_revision().await.unwrap() > r2);
+    }
+
+    #[tokio::test]
+    async fn a_deleted_entry_is_returned_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(&dir.path().join("store")).unwrap();
+        store.put_entry(&entry("a")).await.unwrap();
+        assert_eq!(store.delete_entry("a").await.unwrap(), Some(entry("a")));
+        assert_eq!(store.delete_entry("a").await.unwrap(), None);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_join_token_is_taken_exactly_once_under_a_race() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SledStore::open(&dir.path().join("store")).unwrap());
+        for round in 0..20u8 {
+            let hash = [round; 32];
+            store.put_join_token(&hash, &token()).await.unwrap();
+            let barrier = Arc::new(tokio::sync::Barrier::new(8));
+            let tasks: Vec<_> = (0..8)
+                .map(|_| {
+                    let store = Arc::clone(&store);
+                    let barrier = Arc::clone(&barrier);
+                    tokio::spawn(async move {
+                        barrier.wait().await;
+                        store.take_join_token(&hash).await.unwrap()
+                    })
+                })
+                .collect();
+            let mut winners = 0;
+            for task in tasks {
+                if let Some(record) = task.await.unwrap() {
+                    assert_eq!(record, token());
+                    winners += 1;
+                }
+            }
+            assert_eq!(winners, 1, "round {round}");
+        }
+    }
+}
