@@ -259,7 +259,8 @@ mod tests {
 
     #[test]
     fn each_bad_field_is_named() {
-        let cases: Vec<(fn(&mut pb::Entry), &str)> = vec![
+        type Mutation = fn(&mut pb::Entry);
+        let cases: Vec<(Mutation, &str)> = vec![
             (|e| e.spiffe_id = "spiffe://example.org".into(), "spiffe_id"),
             (
                 |e| e.spiffe_id = "spiffe://other.org/web".into(),

@@ -10,6 +10,16 @@
     unreachable_pub,
     reason = "helpers are shared between the modules of this one test binary"
 )]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "a failed step of a test is a failed assertion"
+)]
+#![allow(
+    clippy::disallowed_types,
+    reason = "deadlines for real processes are wall-clock time, not tokio time"
+)]
 
 mod support;
 

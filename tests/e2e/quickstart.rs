@@ -16,10 +16,19 @@ fn quickstart_issues_an_svid_to_the_invoking_user() {
         .unwrap();
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
 
-    let user = nix::unistd::User::from_uid(nix::unistd::getuid()).unwrap().unwrap().name;
+    let user = nix::unistd::User::from_uid(nix::unistd::getuid())
+        .unwrap()
+        .unwrap()
+        .name;
     let expected = format!("spiffe://example.org/user/{user}");
     let printed = stdout(&out);
-    assert!(printed.contains(&format!("SPIFFE ID:\t\t{expected}")), "{printed}");
-    assert!(printed.contains("svid.0.pem: OK"), "openssl verify must pass: {printed}");
+    assert!(
+        printed.contains(&format!("SPIFFE ID:\t\t{expected}")),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("svid.0.pem: OK"),
+        "openssl verify must pass: {printed}"
+    );
     assert!(printed.contains(&format!("URI:{expected}")), "{printed}");
 }
