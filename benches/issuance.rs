@@ -96,7 +96,7 @@ async fn main() {
     let agent_key = sigil::keys::PrivateKey::generate_p256().unwrap();
     let csr = sigil::x509::build_csr(&agent_key.key_pair().unwrap(), None).unwrap();
     let anonymous = Arc::new(sigil::tls::client_config(verifier.clone(), None).unwrap());
-    let mut client = AgentApiClient::new(sigil::transport::tls_channel(address.clone(), anonymous));
+    let mut client = AgentApiClient::new(sigil::transport::tls_channel(&address, anonymous));
     let first = AttestRequest {
         step: Some(attest_request::Step::Params(AttestationParams {
             data: Some(AttestationData {
@@ -118,7 +118,7 @@ async fn main() {
     let chain = svid.cert_chain.into_iter().map(Into::into).collect();
     let identity = Arc::new(sigil::tls::SvidResolver::new(chain, &agent_key).unwrap());
     let config = Arc::new(sigil::tls::client_config(verifier, Some(identity)).unwrap());
-    let client = AgentApiClient::new(sigil::transport::tls_channel(address, config));
+    let client = AgentApiClient::new(sigil::transport::tls_channel(&address, config));
 
     // CSRs are made by agents; make them before timing.
     let items: Vec<X509SvidParams> = entries

@@ -22,6 +22,10 @@ pub const MAX_LABEL_LEN: usize = 63;
 
 const SCHEME_PREFIX: &str = "spiffe://";
 
+/// Path of the server's own SPIFFE ID in its trust domain: the server's TLS
+/// certificate on the agent API carries `spiffe://<td>/sigil/server`.
+pub const SERVER_PATH: &str = "/sigil/server";
+
 /// Why a string is not a SPIFFE ID or trust domain.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -116,6 +120,14 @@ impl TrustDomain {
     /// The trust domain's own SPIFFE ID, `spiffe://<name>` (no trailing slash).
     pub fn id_string(&self) -> String {
         format!("{SCHEME_PREFIX}{}", self.0)
+    }
+
+    /// The server's own SPIFFE ID, `spiffe://<name>/sigil/server`.
+    pub fn server_id(&self) -> SpiffeId {
+        SpiffeId {
+            id: format!("{SCHEME_PREFIX}{}{SERVER_PATH}", self.0),
+            td_len: self.0.len(),
+        }
     }
 
     /// A SPIFFE ID in this trust domain with the given path (which must start

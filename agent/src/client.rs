@@ -1,36 +1,22 @@
 //! The gRPC channel to the server's agent API.
 //!
-//! TLS is done by the channel's connector with rustls, so the channel's URI
-//! scheme is `http`. The server must present the SVID
-//! `spiffe://<td>/sigil/server` chained to the trust store; the agent presents
-//! its own SVID when it has one. The trust store and the SVID resolver are
-//! shared, so a bundle update or an agent SVID renewal applies to the next
-//! connection without rebuilding the channel.
+//! The server must present the SVID `spiffe://<td>/sigil/server` chained to
+//! the trust store; the agent presents its own SVID when it has one. The
+//! trust store and the SVID resolver are shared, so a bundle update or an
+//! agent SVID renewal applies to the next connection.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hyper_util::rt::TokioIo;
 use rustls::ClientConfig;
-use rustls_pki_types::ServerName;
 use sigil::proto::sigil::agent::v1::agent_api_client::AgentApiClient;
 use sigil::tls::{SpiffeServerVerifier, SvidResolver, TlsError, TrustStore};
+use sigil::transport::{tls_channel, tls_channel_now};
 use sigil::{SpiffeId, TrustDomain};
-use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
-use tonic::codegen::http::Uri;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
-/// The TLS server name sent to the server; it is not used for verification,
-/// which checks the SPIFFE ID instead.
-pub(crate) const SERVER_NAME: &str = "sigil-server";
-
-/// Path of the server's SPIFFE ID in its trust domain.
-const SERVER_ID_PATH: &str = "/sigil/server";
-
-/// How long a TCP connection plus TLS handshake may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) use sigil::transport::error_chain;
 
 /// How long one unary call may take.
 pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -41,14 +27,11 @@ pub(crate) enum ClientError {
     /// The TLS configuration was refused.
     #[error("TLS configuration: {0}")]
     Tls(#[from] TlsError),
-    /// The server's SPIFFE ID cannot be formed in this trust domain.
-    #[error("server SPIFFE ID: {0}")]
-    ServerId(#[from] sigil::spiffe_id::ParseError),
 }
 
 /// The SPIFFE ID the server must present: `spiffe://<td>/sigil/server`.
-pub(crate) fn server_id(td: &TrustDomain) -> Result<SpiffeId, ClientError> {
-    Ok(td.id_with_path(SERVER_ID_PATH)?)
+pub(crate) fn server_id(td: &TrustDomain) -> SpiffeId {
+    td.server_id()
 }
 
 /// A rustls client configuration that accepts only the server's SVID, and
@@ -62,19 +45,10 @@ pub(crate) fn tls_config(
     trust: Arc<TrustStore>,
     identity: Option<Arc<SvidResolver>>,
 ) -> Result<Arc<ClientConfig>, ClientError> {
-    let verifier = Arc::new(SpiffeServerVerifier::new(trust, server_id(td)?));
+    let verifier = Arc::new(SpiffeServerVerifier::new(trust, server_id(td)));
     let mut config = sigil::tls::client_config(verifier, identity)?;
     config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
-}
-
-fn endpoint() -> Endpoint {
-    Endpoint::from_static("http://sigil-server")
-        .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .keep_alive_while_idle(true)
 }
 
 /// The agent's connection to the server, for every RPC but attestation.
@@ -115,7 +89,7 @@ impl AgentChannel {
 
 /// A channel that connects on first use and reconnects as needed.
 pub(crate) fn lazy_channel(address: &str, tls: Arc<ClientConfig>) -> Channel {
-    endpoint().connect_with_connector_lazy(connector(address.to_owned(), tls))
+    tls_channel(address, tls)
 }
 
 /// A channel connected now, so a connection or TLS failure shows at once.
@@ -123,52 +97,7 @@ pub(crate) async fn connect(
     address: &str,
     tls: Arc<ClientConfig>,
 ) -> Result<Channel, tonic::transport::Error> {
-    endpoint()
-        .connect_with_connector(connector(address.to_owned(), tls))
-        .await
-}
-
-/// What the connector yields: a TLS stream in hyper's I/O traits.
-type Connection = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
-
-/// A connector: TCP to `address`, then TLS with `tls`.
-fn connector(
-    address: String,
-    tls: Arc<ClientConfig>,
-) -> impl tower::Service<Uri, Response = Connection, Error = std::io::Error, Future: Send> + Send + 'static
-{
-    tower::service_fn(move |_: Uri| {
-        let address = address.clone();
-        let connector = TlsConnector::from(Arc::clone(&tls));
-        async move {
-            let tcp = TcpStream::connect(&address).await?;
-            tcp.set_nodelay(true)?;
-            let name = ServerName::try_from(SERVER_NAME).map_err(std::io::Error::other)?;
-            let tls = connector.connect(name, tcp).await?;
-            Ok(TokioIo::new(tls))
-        }
-    })
-}
-
-/// An error and its sources, joined with `: `, leaving out a source whose
-/// text its parent already shows.
-pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    append_sources(e.to_string(), e.source())
-}
-
-fn append_sources(
-    mut out: String,
-    mut source: Option<&(dyn std::error::Error + 'static)>,
-) -> String {
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !text.is_empty() && !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
+    tls_channel_now(address, tls).await
 }
 
 /// Whether a failed call never reached the server's handler: the connection
@@ -186,7 +115,10 @@ pub(crate) fn is_transport_failure(status: &tonic::Status) -> bool {
 pub(crate) fn describe_status(status: &tonic::Status) -> String {
     use std::error::Error;
     if is_transport_failure(status) {
-        append_sources(status.message().to_owned(), status.source())
+        match status.source() {
+            Some(source) => format!("{}: {}", status.message(), error_chain(source)),
+            None => status.message().to_owned(),
+        }
     } else if status.message().is_empty() {
         format!("{:?}", status.code())
     } else {

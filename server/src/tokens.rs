@@ -13,9 +13,9 @@ use ring::rand::{SecureRandom, SystemRandom};
 use sigil::{SpiffeId, TrustDomain};
 use zeroize::Zeroizing;
 
-use crate::ca::server_svid::SERVER_PATH;
 use crate::clock;
 use crate::store::{JoinTokenRecord, Store, StoreError};
+use sigil::spiffe_id::SERVER_PATH;
 
 /// Lifetime of a token when none is given.
 pub(crate) const DEFAULT_TTL: Duration = Duration::from_secs(600);

@@ -167,6 +167,7 @@ fn membership_and_paths_under_a_trust_domain() {
     let td = TrustDomain::new("example.org").unwrap();
     let id = td.id_with_path("/sigil/server").unwrap();
     assert_eq!(id.as_str(), "spiffe://example.org/sigil/server");
+    assert_eq!(td.server_id(), id);
     assert!(id.is_member_of(&td));
     assert!(!id.is_member_of(&TrustDomain::new("example.com").unwrap()));
 }

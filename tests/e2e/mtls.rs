@@ -26,7 +26,7 @@ fn two_workloads_authenticate_each_other() {
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     as_uid(&mut serve, Some(1001));
-    let mut serve = serve.spawn().unwrap();
+    let mut serve = spawn(&mut serve);
     let mut lines = BufReader::new(serve.stdout.take().unwrap()).lines();
     let listening: serde_json::Value =
         serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
@@ -36,7 +36,7 @@ fn two_workloads_authenticate_each_other() {
     dial.args(["dial", "--addr", &addr])
         .env("SPIFFE_ENDPOINT_SOCKET", domain.agent.endpoint());
     as_uid(&mut dial, Some(1002));
-    let dial = dial.output().unwrap();
+    let dial = output_of(&mut dial);
     assert!(dial.status.success(), "dial: {}", stderr(&dial));
     let client_view: serde_json::Value =
         serde_json::from_str(stdout(&dial).lines().next().unwrap()).unwrap();

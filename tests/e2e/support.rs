@@ -351,14 +351,18 @@ impl Agent {
     /// Runs `sigil-agent api fetch x509` as `uid` (or as the test process),
     /// writing the files into `out` when given.
     pub fn fetch(&self, uid: Option<u32>, out: Option<&Path>) -> Output {
-        let mut cmd = Command::new(copy_for_others(&agent_bin(), &self.dir));
+        let bin = match uid {
+            Some(_) => copy_for_others(&agent_bin(), &self.dir),
+            None => agent_bin(),
+        };
+        let mut cmd = Command::new(bin);
         cmd.args(["api", "fetch", "x509", "--socket-path"])
             .arg(&self.socket);
         if let Some(out) = out {
             cmd.arg("--write").arg(out);
         }
         as_uid(&mut cmd, uid);
-        cmd.output().unwrap()
+        output_of(&mut cmd)
     }
 
     /// What the agent logged so far.
@@ -392,6 +396,34 @@ pub fn copy_for_others(bin: &Path, dir: &Path) -> PathBuf {
         std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
     target
+}
+
+/// Runs a command to completion. A binary copied moments ago can be
+/// briefly unexecutable ("text file busy") while a child forked by another
+/// test thread still holds the copy's file descriptor; that is retried.
+pub fn output_of(cmd: &mut Command) -> Output {
+    for _ in 0..100 {
+        match cmd.output() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            result => return result.unwrap(),
+        }
+    }
+    panic!("{cmd:?} stayed busy");
+}
+
+/// Spawns a command, retrying "text file busy" like [`output_of`].
+pub fn spawn(cmd: &mut Command) -> Child {
+    for _ in 0..100 {
+        match cmd.spawn() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            result => return result.unwrap(),
+        }
+    }
+    panic!("{cmd:?} stayed busy");
 }
 
 /// Whether the tests run as root, which the multi-user tests need (to run
@@ -503,7 +535,7 @@ pub async fn agent_api_client(
     ));
     let identity = Arc::new(SvidResolver::new(chain, &key).unwrap());
     let config = Arc::new(sigil::tls::client_config(verifier, Some(identity)).unwrap());
-    let channel = sigil::transport::tls_channel(server.address.clone(), config);
+    let channel = sigil::transport::tls_channel(&server.address, config);
     sigil::proto::sigil::agent::v1::agent_api_client::AgentApiClient::new(channel)
 }
 

@@ -6,16 +6,11 @@ use std::time::{Duration, SystemTime};
 
 use rustls_pki_types::CertificateDer;
 use sigil::keys::PrivateKey;
-use sigil::spiffe_id::ParseError;
 use sigil::tls::SvidResolver;
 use sigil::x509::{Authority, IssueError};
-use sigil::{SpiffeId, TrustDomain};
 
 use crate::clock;
 use crate::shutdown::Shutdown;
-
-/// The path of the server's SPIFFE ID.
-pub(crate) const SERVER_PATH: &str = "/sigil/server";
 
 /// The shortest wait between two issuances, so a nearly expired CA cannot
 /// make the rotation spin.
@@ -33,9 +28,6 @@ pub(crate) enum ServerSvidError {
     /// The key is unusable.
     #[error("server SVID key: {0}")]
     Key(#[from] sigil::keys::KeyError),
-    /// The server's SPIFFE ID cannot be formed.
-    #[error("server SPIFFE ID: {0}")]
-    Id(#[from] ParseError),
     /// rustls refused the certificate or key.
     #[error("server SVID: {0}")]
     Tls(#[from] sigil::tls::TlsError),
@@ -54,17 +46,12 @@ pub(crate) struct ServerSvid {
     pub(crate) not_after: SystemTime,
 }
 
-/// The server's SPIFFE ID in `td`.
-pub(crate) fn server_id(td: &TrustDomain) -> Result<SpiffeId, ParseError> {
-    td.id_with_path(SERVER_PATH)
-}
-
 /// Signs a new server SVID with a new P-256 key, valid for `ttl` (capped by
 /// the CA).
 pub(crate) fn issue(authority: &Authority, ttl: Duration) -> Result<ServerSvid, ServerSvidError> {
     let key = PrivateKey::generate_p256()?;
     let pair = key.key_pair()?;
-    let id = server_id(authority.trust_domain())?;
+    let id = authority.trust_domain().server_id();
     let issued_at = SystemTime::now();
     let svid = authority.sign_leaf(&pair, &id, &[], ttl)?;
     Ok(ServerSvid {
@@ -127,7 +114,7 @@ mod tests {
 
     #[test]
     fn the_server_svid_has_the_server_id_and_is_capped_by_the_ca() {
-        let td = TrustDomain::new("example.org").unwrap();
+        let td = sigil::TrustDomain::new("example.org").unwrap();
         let ca = Authority::self_signed(&td, Duration::from_secs(600)).unwrap();
         let svid = issue(&ca, Duration::from_secs(3600)).unwrap();
         let id = sigil::x509::check_leaf(&svid.chain[0]).unwrap();
@@ -154,7 +141,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn rotation_replaces_the_certificate_and_stops_on_shutdown() {
-        let td = TrustDomain::new("example.org").unwrap();
+        let td = sigil::TrustDomain::new("example.org").unwrap();
         let ca = Arc::new(Authority::self_signed(&td, Duration::from_secs(3600)).unwrap());
         let first = issue(&ca, Duration::from_secs(4)).unwrap();
         let resolver = Arc::new(SvidResolver::new(first.chain.clone(), &first.key).unwrap());
