@@ -100,35 +100,69 @@ async fn main() {
         "machine: {} cores",
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
+    // Paced: each client fetches every PACE, as workloads do when they
+    // start or reconnect; 50 clients then make 1000 fetches per second.
     for clients in [1usize, 50] {
-        let per_client = SAMPLES_PER_RUN / clients;
-        let mut tasks = Vec::new();
-        for _ in 0..clients {
-            let socket = socket.clone();
-            tasks.push(tokio::spawn(async move {
-                let channel = sigil::transport::unix_channel(socket).await.unwrap();
-                let mut client = SpiffeWorkloadApiClient::new(channel);
-                // One warm-up fetch per client.
-                first_response(&mut client).await;
-                let mut samples = Vec::with_capacity(per_client);
-                for _ in 0..per_client {
-                    samples.push(first_response(&mut client).await);
-                }
-                samples
-            }));
-        }
-        let mut samples: Vec<Duration> = Vec::new();
-        for t in tasks {
-            samples.extend(t.await.unwrap());
-        }
-        samples.sort();
-        println!(
-            "FetchX509SVID first response, {clients:>2} concurrent clients: p50 {:.3} ms, p99 {:.3} ms ({} samples)",
-            percentile(&samples, 0.50).as_secs_f64() * 1e3,
-            percentile(&samples, 0.99).as_secs_f64() * 1e3,
-            samples.len()
-        );
+        report(&socket, clients, Some(PACE)).await;
     }
+    // Saturation: every client fetches again as soon as it has its answer,
+    // so latency is queueing behind the other clients (Little's law).
+    report(&socket, 50, None).await;
+}
+
+/// The interval between two fetches of one paced client.
+const PACE: Duration = Duration::from_millis(50);
+
+async fn report(socket: &std::path::Path, clients: usize, pace: Option<Duration>) {
+    let per_client = match pace {
+        Some(_) => 200,
+        None => SAMPLES_PER_RUN / clients,
+    };
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..clients {
+        let socket = socket.to_path_buf();
+        tasks.push(tokio::spawn(async move {
+            let channel = sigil::transport::unix_channel(socket).await.unwrap();
+            let mut client = SpiffeWorkloadApiClient::new(channel);
+            // One warm-up fetch per client.
+            first_response(&mut client).await;
+            let mut ticks = pace.map(|pace| {
+                // Spread the clients' ticks across the interval.
+                let offset = pace * u32::try_from(i).unwrap() / u32::try_from(clients).unwrap();
+                let mut ticks = tokio::time::interval_at(Instant::now() + offset, pace);
+                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                ticks
+            });
+            let mut samples = Vec::with_capacity(per_client);
+            for _ in 0..per_client {
+                if let Some(ticks) = ticks.as_mut() {
+                    ticks.tick().await;
+                }
+                samples.push(first_response(&mut client).await);
+            }
+            samples
+        }));
+    }
+    let mut samples: Vec<Duration> = Vec::new();
+    for t in tasks {
+        samples.extend(t.await.unwrap());
+    }
+    let elapsed = started.elapsed();
+    samples.sort();
+    let mode = match pace {
+        Some(pace) => format!("paced, one fetch per client every {} ms", pace.as_millis()),
+        None => format!(
+            "saturated, {:.0} fetches/s",
+            samples.len() as f64 / elapsed.as_secs_f64()
+        ),
+    };
+    println!(
+        "FetchX509SVID first response, {clients:>2} clients ({mode}): p50 {:.3} ms, p99 {:.3} ms ({} samples)",
+        percentile(&samples, 0.50).as_secs_f64() * 1e3,
+        percentile(&samples, 0.99).as_secs_f64() * 1e3,
+        samples.len()
+    );
 }
 
 async fn first_response(

@@ -84,7 +84,7 @@ async fn open_x509_stream(socket_path: &Path) -> anyhow::Result<Streaming<X509sv
         anyhow!(
             "cannot connect to the Workload API at {}: {}",
             socket_path.display(),
-            root_cause(&e)
+            sigil::transport::error_chain(&e)
         )
     })?;
     let response = client
@@ -101,16 +101,6 @@ async fn fetch_first(socket_path: &Path) -> anyhow::Result<X509svidResponse> {
         Some(response) => Ok(response),
         None => bail!("the Workload API ended the stream without an answer"),
     }
-}
-
-/// The innermost error of a chain: what a transport error is really about
-/// (the outer layers repeat it).
-fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut cause = error;
-    while let Some(source) = cause.source() {
-        cause = source;
-    }
-    cause.to_string()
 }
 
 /// A gRPC status as `<code>: <message>`, e.g.
@@ -393,7 +383,7 @@ mod tests {
         assert_eq!(
             format!("{err:#}"),
             format!(
-                "cannot connect to the Workload API at {}: No such file or directory (os error 2)",
+                "cannot connect to the Workload API at {}: transport error: No such file or directory (os error 2)",
                 socket_path.display()
             )
         );

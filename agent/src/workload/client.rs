@@ -1,15 +1,12 @@
 //! A Workload API client over the agent's Unix socket.
 
-use std::io;
 use std::path::Path;
 
-use hyper_util::rt::TokioIo;
 use sigil::proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
-use tokio::net::UnixStream;
 use tonic::metadata::MetadataValue;
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 use tonic::{Request, Status};
 
 use super::api::SECURITY_HEADER;
@@ -30,22 +27,10 @@ impl Interceptor for AddSecurityHeader {
     }
 }
 
-/// Opens an HTTP/2 channel to the socket at `path`. The authority is a
-/// placeholder: the server accepts any.
-pub(crate) async fn channel(path: &Path) -> Result<Channel, tonic::transport::Error> {
-    let path = path.to_owned();
-    Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move { Ok::<_, io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
-        }))
-        .await
-}
-
 /// Connects to the Workload API at `path`.
 pub(crate) async fn connect(path: &Path) -> Result<Client, tonic::transport::Error> {
     Ok(SpiffeWorkloadApiClient::with_interceptor(
-        channel(path).await?,
+        sigil::transport::unix_channel(path).await?,
         AddSecurityHeader,
     ))
 }

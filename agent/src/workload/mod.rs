@@ -1,15 +1,12 @@
 //! The SPIFFE Workload API, served on a Unix socket.
 //!
 //! - [`attestor`]: who the caller is, from kernel facts.
-//! - [`authority`]: lets in clients that send the socket path as HTTP/2
-//!   authority (gRPC C-core, so py-spiffe).
 //! - [`api`]: the `SpiffeWorkloadAPI` gRPC service.
 //! - [`client`]: a client over the socket, for the `api` commands.
 //! - [`cli`]: `sigil-agent api fetch x509` and `sigil-agent api watch`.
 
 mod api;
 mod attestor;
-mod authority;
 pub(crate) mod cli;
 mod client;
 
@@ -20,7 +17,6 @@ use std::path::{Path, PathBuf};
 
 use tokio::net::UnixListener;
 use tokio::sync::watch;
-use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::cache::SnapshotReceiver;
@@ -134,11 +130,7 @@ async fn serve_on(
     tracing::info!(path = %socket_path.display(), "Workload API listening");
     let result = tonic::transport::Server::builder()
         .add_service(service)
-        .serve_with_incoming_shutdown(
-            UnixListenerStream::new(listener)
-                .map(|accepted| accepted.map(authority::FixAuthority::new)),
-            signal,
-        )
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), signal)
         .await;
 
     match std::fs::remove_file(socket_path) {
@@ -149,7 +141,12 @@ async fn serve_on(
         }
     }
     tracing::info!(path = %socket_path.display(), "Workload API stopped");
-    Ok(result?)
+    result.map_err(|e| {
+        anyhow::anyhow!(
+            "the Workload API server failed: {}",
+            sigil::transport::error_chain(&e)
+        )
+    })
 }
 
 #[cfg(test)]
