@@ -94,3 +94,61 @@ async fn open_streams_receive_rotated_svids_before_expiry() {
         assert!(first_expiry <= unix_now() + 31);
     }
 }
+
+/// The agent renews its own SVID at about half its lifetime (20 s here) and
+/// keeps working with the new one: an entry created after the renewal still
+/// reaches the workload over the agent's mTLS connection.
+#[test]
+fn agent_renews_its_own_svid_and_keeps_serving() {
+    let dir = scratch();
+    let server = Server::start_with(dir.path(), &["--agent-svid-ttl", "20s"]);
+    let (token, agent_id) = server.token(&[]);
+    let uid = own_uid_selector();
+    server.create_entry(
+        "spiffe://example.org/first",
+        &agent_id,
+        &[uid.as_str()],
+        &[],
+    );
+    let agent = Agent::start(&server, "agent", Some(&token));
+
+    let stored = || std::fs::read(agent.data_dir.join("agent_svid.pem")).unwrap();
+    let original = stored();
+    let original_expiry = {
+        let leaf = pem::parse_many(&original).unwrap().remove(0);
+        sigil::x509::not_after(leaf.contents()).unwrap()
+    };
+    let renewed = eventually("agent SVID renewal", Duration::from_secs(30), || {
+        let now = stored();
+        (now != original).then_some(now)
+    });
+    assert!(
+        SystemTime::now() < original_expiry,
+        "renewed only after expiry"
+    );
+    let leaf = pem::parse_many(&renewed).unwrap().remove(0);
+    assert_eq!(
+        sigil::x509::spiffe_id_of(leaf.contents())
+            .unwrap()
+            .to_string(),
+        agent_id
+    );
+
+    server.create_entry(
+        "spiffe://example.org/second",
+        &agent_id,
+        &[uid.as_str()],
+        &[],
+    );
+    eventually(
+        "entry created after the renewal served",
+        Duration::from_secs(30),
+        || {
+            let out = agent.fetch(None, None);
+            stdout(&out)
+                .contains("spiffe://example.org/second")
+                .then_some(())
+        },
+    );
+    assert!(!agent.log().contains("ERROR"), "{}", agent.log());
+}
