@@ -1,5 +1,6 @@
 //! The configuration of `sigil-agent run`: a TOML file whose every key is
-//! also a command-line flag. Flags win over the file. Every problem found is
+//! also a command-line flag, except the `[workload_attestors]` table (see
+//! [`AttestorsConfig`]). Flags win over the file. Every problem found is
 //! reported at once, so an operator fixes them in one go.
 
 use std::fmt;
@@ -8,6 +9,8 @@ use std::path::{Path, PathBuf};
 use sigil::TrustDomain;
 use tracing_subscriber::EnvFilter;
 use zeroize::Zeroizing;
+
+use crate::workload::AttestorsConfig;
 
 /// Default directory of the agent's own SVID, key and bundle.
 pub(crate) const DEFAULT_DATA_DIR: &str = "./.sigil-agent";
@@ -29,6 +32,7 @@ const KEYS: &[&str] = &[
     "socket_path",
     "log_level",
     "log_format",
+    "workload_attestors",
 ];
 
 /// A join token: a one-time secret. It never appears in logs or `Debug`
@@ -143,6 +147,8 @@ pub(crate) struct Config {
     pub(crate) log_level: String,
     /// The log format.
     pub(crate) log_format: LogFormat,
+    /// The optional workload attestors.
+    pub(crate) workload_attestors: AttestorsConfig,
 }
 
 /// Everything wrong with a configuration.
@@ -174,6 +180,7 @@ struct Layer {
     socket_path: Option<PathBuf>,
     log_level: Option<String>,
     log_format: Option<String>,
+    workload_attestors: Option<AttestorsConfig>,
 }
 
 impl Config {
@@ -201,6 +208,7 @@ impl Config {
             socket_path: args.socket_path,
             log_level: args.log_level,
             log_format: args.log_format,
+            workload_attestors: None,
         };
         check(flags, file, problems)
     }
@@ -220,6 +228,13 @@ fn parse_file(text: &str, path: &Path, problems: &mut Vec<String>) -> Layer {
     };
     let mut layer = Layer::default();
     for (key, value) in table {
+        if key == "workload_attestors" {
+            match AttestorsConfig::from_toml(value) {
+                Ok(attestors) => layer.workload_attestors = Some(attestors),
+                Err(e) => problems.push(format!("{origin}: {e}")),
+            }
+            continue;
+        }
         let Some(s) = value.as_str().map(str::to_owned) else {
             if KEYS.contains(&key.as_str()) {
                 problems.push(format!("{origin}: `{key}` must be a string"));
@@ -330,6 +345,11 @@ fn check(flags: Layer, file: Layer, mut problems: Vec<String>) -> Result<Config,
         }
     };
 
+    let workload_attestors = flags
+        .workload_attestors
+        .or(file.workload_attestors)
+        .unwrap_or_default();
+
     match (trust_domain, server_address, log_format) {
         (Some(trust_domain), Some(server_address), Some(log_format)) if problems.is_empty() => {
             Ok(Config {
@@ -341,6 +361,7 @@ fn check(flags: Layer, file: Layer, mut problems: Vec<String>) -> Result<Config,
                 socket_path,
                 log_level,
                 log_format,
+                workload_attestors,
             })
         }
         _ => Err(ConfigError { problems }),
@@ -501,6 +522,39 @@ mod tests {
         let shown = format!("{config:?}");
         assert!(!shown.contains("s3cr3t"), "{shown}");
         assert!(shown.contains("JoinToken([redacted])"), "{shown}");
+    }
+
+    #[test]
+    fn workload_attestors_are_off_unless_configured() {
+        let base = "trust_domain = \"example.org\"\nserver_address = \"server:1\"\n";
+        let config = load_file(base, RunArgs::default()).unwrap();
+        assert_eq!(config.workload_attestors, AttestorsConfig::default());
+
+        let config = load_file(
+            &format!(
+                "{base}[workload_attestors.docker]\nsocket_path = \"/run/docker.sock\"\n\
+                 [workload_attestors.systemd]\n"
+            ),
+            RunArgs::default(),
+        )
+        .unwrap();
+        let attestors = config.workload_attestors;
+        assert_eq!(
+            attestors.docker.unwrap().socket_path,
+            PathBuf::from("/run/docker.sock")
+        );
+        assert!(attestors.systemd.is_some());
+
+        let err = load_file(
+            &format!("{base}[workload_attestors.docker]\nsocket = \"/x\"\n"),
+            RunArgs::default(),
+        )
+        .unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert!(
+            err.problems[0].contains("workload_attestors: unknown field `socket`"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -57,8 +57,14 @@ pub(crate) async fn run(config: Config) -> anyhow::Result<()> {
     };
     let socket_path = config.socket_path.clone();
     let snapshots = agent.snapshots.clone();
+    let attestor = Arc::new(
+        workload::Attestor::new(&config.workload_attestors)
+            .context("cannot set up the k8s workload attestor")?,
+    );
     let mut serve =
-        tokio::spawn(async move { workload::serve(&socket_path, snapshots, shutdown).await });
+        tokio::spawn(
+            async move { workload::serve(&socket_path, snapshots, attestor, shutdown).await },
+        );
     tracing::info!(
         spiffe.id = %agent.spiffe_id,
         socket = %config.socket_path.display(),
@@ -239,6 +245,7 @@ mod tests {
             socket_path: data.join("api.sock"),
             log_level: "info".into(),
             log_format: LogFormat::Text,
+            workload_attestors: Default::default(),
         };
         let storage = Storage::new(data);
         let identity = node::establish(&config, &storage).await.unwrap();

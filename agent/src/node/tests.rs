@@ -21,6 +21,7 @@ fn config(server: &FakeServer, data_dir: &std::path::Path, token: Option<&str>) 
         socket_path: data_dir.join("api.sock"),
         log_level: "info".into(),
         log_format: LogFormat::Text,
+        workload_attestors: Default::default(),
     }
 }
 

@@ -91,13 +91,18 @@ pub(crate) struct WorkloadApi {
 // === impl WorkloadApi ===
 
 impl WorkloadApi {
-    /// A service serving `snapshots`; its open streams end with
-    /// `UNAVAILABLE` once `stopping` turns true or its sender is dropped.
-    pub(crate) fn new(snapshots: SnapshotReceiver, stopping: watch::Receiver<bool>) -> Self {
+    /// A service serving `snapshots` to the callers `attestor` attests;
+    /// its open streams end with `UNAVAILABLE` once `stopping` turns true or
+    /// its sender is dropped.
+    pub(crate) fn new(
+        snapshots: SnapshotReceiver,
+        stopping: watch::Receiver<bool>,
+        attestor: Arc<Attestor>,
+    ) -> Self {
         Self {
             snapshots,
             stopping,
-            attestor: Arc::new(Attestor::default()),
+            attestor,
         }
     }
 
@@ -119,14 +124,7 @@ impl WorkloadApi {
         };
         match self.attestor.attest(peer).await {
             Ok(selectors) => Ok((peer, selectors)),
-            Err(e @ AttestError::Vanished { .. }) => {
-                tracing::debug!(pid = peer.pid, uid = peer.uid, error = %e, "no identity issued");
-                Err(Status::permission_denied(NO_IDENTITY))
-            }
-            Err(e) => {
-                tracing::warn!(pid = peer.pid, uid = peer.uid, error = %e, "workload attestation failed");
-                Err(Status::unavailable(ATTESTATION_FAILED))
-            }
+            Err(e) => Err(attest_error_status(peer, &e)),
         }
     }
 
@@ -194,6 +192,20 @@ impl SpiffeWorkloadApi for WorkloadApi {
         _request: Request<WitBundlesRequest>,
     ) -> Result<Response<Self::FetchWITBundlesStream>, Status> {
         Err(Status::unimplemented(WIT_UNSUPPORTED))
+    }
+}
+
+/// The status of a caller that could not be attested: one that exited or
+/// changed program has no identity; any other failure (a `/proc` read, the
+/// Docker engine or the kubelet unreachable, a container the kubelet does
+/// not list yet) is `UNAVAILABLE`, which clients retry.
+fn attest_error_status(peer: Peer, e: &AttestError) -> Status {
+    if let AttestError::Vanished { .. } = e {
+        tracing::debug!(pid = peer.pid, uid = peer.uid, error = %e, "no identity issued");
+        Status::permission_denied(NO_IDENTITY)
+    } else {
+        tracing::warn!(pid = peer.pid, uid = peer.uid, error = %e, "workload attestation failed");
+        Status::unavailable(ATTESTATION_FAILED)
     }
 }
 
@@ -515,13 +527,33 @@ mod tests {
         let identity = ca.identity("/web", &own_selectors(), "");
         let (_tx, rx) = watch::channel(ca.snapshot(vec![identity], 1));
         let (_stop_tx, stop_rx) = watch::channel(false);
-        let api = WorkloadApi::new(rx, stop_rx);
+        let api = WorkloadApi::new(rx, stop_rx, Arc::new(Attestor::default()));
         // No UdsConnectInfo in the request: not a Unix socket caller.
         let Err(status) = api.fetch_x509svid(Request::new(X509svidRequest {})).await else {
             panic!("served a caller without credentials");
         };
         assert_eq!(status.code(), tonic::Code::Unavailable);
         assert_eq!(status.message(), ATTESTATION_FAILED);
+    }
+
+    #[test]
+    fn a_container_not_yet_listed_is_unavailable_and_a_vanished_caller_denied() {
+        let peer = Peer {
+            pid: 42,
+            uid: 1000,
+            gid: 1000,
+        };
+        let not_listed = AttestError::K8s(crate::workload::attestor::K8sError::NotListed {
+            pod_uid: "7d2a6c3e-91b4-4f0a-8e5d-2b1c9a8f7e6d".into(),
+            container_id: "3f4b".into(),
+        });
+        let status = attest_error_status(peer, &not_listed);
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert_eq!(status.message(), ATTESTATION_FAILED);
+
+        let status = attest_error_status(peer, &AttestError::Vanished { pid: 42 });
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+        assert_eq!(status.message(), NO_IDENTITY);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The SPIFFE Workload API, served on a Unix socket.
 //!
-//! - [`attestor`]: who the caller is, from kernel facts.
+//! - [`attestor`]: who the caller is, from kernel facts and, when
+//!   configured, systemd units, the Docker engine and the kubelet.
 //! - [`api`]: the `SpiffeWorkloadAPI` gRPC service.
 //! - [`client`]: a client over the socket, for the `api` commands.
 //! - [`cli`]: `sigil-agent api fetch x509` and `sigil-agent api watch`.
@@ -14,11 +15,13 @@ use std::future::Future;
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use tokio::net::UnixListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::UnixListenerStream;
 
+pub(crate) use self::attestor::{Attestor, AttestorsConfig};
 use crate::cache::SnapshotReceiver;
 
 /// Why the Workload API socket could not be set up.
@@ -54,17 +57,19 @@ pub(crate) enum BindError {
     },
 }
 
-/// Serves the Workload API on `socket_path` until `shutdown` completes.
+/// Serves the Workload API on `socket_path` to the callers `attestor`
+/// attests until `shutdown` completes.
 ///
 /// Open streams then end with `UNAVAILABLE` (clients reconnect to the next
 /// agent), and the socket file is removed.
 pub(crate) async fn serve(
     socket_path: &Path,
     snapshots: SnapshotReceiver,
+    attestor: Arc<Attestor>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let listener = bind(socket_path)?;
-    serve_on(listener, socket_path, snapshots, shutdown).await
+    serve_on(listener, socket_path, snapshots, attestor, shutdown).await
 }
 
 /// Creates the socket: its parent directory if missing (mode 0755), a stale
@@ -118,10 +123,11 @@ async fn serve_on(
     listener: UnixListener,
     socket_path: &Path,
     snapshots: SnapshotReceiver,
+    attestor: Arc<Attestor>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
-    let service = api::WorkloadApi::new(snapshots, stop_rx).into_service();
+    let service = api::WorkloadApi::new(snapshots, stop_rx, attestor).into_service();
     let signal = async move {
         shutdown.await;
         stop_tx.send_replace(true);

@@ -54,6 +54,11 @@ impl Ca {
             hint: hint.to_owned(),
             revision: 1,
             created_at: 0,
+            jwt_svid_ttl: None,
+            federates_with: Vec::new(),
+            admin: false,
+            downstream: false,
+            expires_at: None,
         }
     }
 
@@ -152,7 +157,7 @@ pub(crate) async fn start(snapshot: Arc<Snapshot>) -> Server {
     let (stop, stopped) = oneshot::channel::<()>();
     let path = socket.clone();
     let task = tokio::spawn(async move {
-        super::serve_on(listener, &path, rx, async move {
+        super::serve_on(listener, &path, rx, Arc::default(), async move {
             let _ = stopped.await;
         })
         .await
@@ -573,7 +578,7 @@ async fn serve_listens_on_the_path_and_stops_on_shutdown() {
     let task = {
         let path = path.clone();
         tokio::spawn(async move {
-            super::serve(&path, rx, async move {
+            super::serve(&path, rx, Arc::default(), async move {
                 let _ = stopped.await;
             })
             .await
