@@ -30,9 +30,6 @@ pub(crate) const READY_FILE: &str = "ready";
 /// How long the Workload API gets to stop after the shutdown signal.
 const SERVE_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How often the Workload API socket is probed until it accepts connections.
-const SOCKET_PROBE_INTERVAL: Duration = Duration::from_millis(50);
-
 /// Runs the agent until a signal (`Ok`) or a fatal error.
 pub(crate) async fn run(config: Config) -> anyhow::Result<()> {
     let storage = Storage::new(&config.data_dir);
@@ -44,12 +41,10 @@ pub(crate) async fn run(config: Config) -> anyhow::Result<()> {
     let identity = node::establish(&config, &storage).await?;
     let mut agent = Agent::start(&config, storage, identity)?;
 
-    if let Some(parent) = config.socket_path.parent()
-        && !parent.as_os_str().is_empty()
-    {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("cannot create {}", parent.display()))?;
-    }
+    // Bound now, the socket accepts connections (they wait in its backlog)
+    // before the server task runs, so readiness needs no probing.
+    let listener = workload::bind(&config.socket_path)
+        .with_context(|| "cannot serve the Workload API".to_owned())?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let shutdown = async move {
         let mut rx = stop_rx;
@@ -61,10 +56,9 @@ pub(crate) async fn run(config: Config) -> anyhow::Result<()> {
         workload::Attestor::new(&config.workload_attestors)
             .context("cannot set up the k8s workload attestor")?,
     );
-    let mut serve =
-        tokio::spawn(
-            async move { workload::serve(&socket_path, snapshots, attestor, shutdown).await },
-        );
+    let mut serve = tokio::spawn(async move {
+        workload::serve_on(listener, &socket_path, snapshots, attestor, shutdown).await
+    });
     tracing::info!(
         spiffe.id = %agent.spiffe_id,
         socket = %config.socket_path.display(),
@@ -72,11 +66,7 @@ pub(crate) async fn run(config: Config) -> anyhow::Result<()> {
     );
 
     let first_applied = agent.first_applied.take();
-    let readiness = tokio::spawn(mark_ready(
-        first_applied,
-        config.socket_path.clone(),
-        ready.clone(),
-    ));
+    let readiness = tokio::spawn(mark_ready(first_applied, ready.clone()));
 
     let result = tokio::select! {
         signal = shutdown_signal() => match signal {
@@ -186,17 +176,13 @@ impl Agent {
     }
 }
 
-/// Writes the ready file once the first sync message has been applied and
-/// the Workload API accepts connections.
-async fn mark_ready(first_applied: Option<oneshot::Receiver<()>>, socket: PathBuf, ready: PathBuf) {
+/// Writes the ready file once the first sync message has been applied (the
+/// Workload API socket is bound before this task starts).
+async fn mark_ready(first_applied: Option<oneshot::Receiver<()>>, ready: PathBuf) {
     if let Some(first) = first_applied
         && first.await.is_err()
     {
         return;
-    }
-    // The Workload API gives no signal once it listens, so probe the socket.
-    while tokio::net::UnixStream::connect(&socket).await.is_err() {
-        tokio::time::sleep(SOCKET_PROBE_INTERVAL).await;
     }
     match sigil::keys::write_public_file(&ready, b"") {
         Ok(()) => tracing::info!(path = %ready.display(), "agent ready"),
@@ -370,13 +356,11 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn ready_is_written_after_the_first_sync_and_once_the_socket_listens() {
+    async fn ready_is_written_after_the_first_sync() {
         let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("api.sock");
         let ready = dir.path().join(READY_FILE);
         let (applied, first) = oneshot::channel();
-        let task = tokio::spawn(mark_ready(Some(first), socket.clone(), ready.clone()));
-        let _listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        let task = tokio::spawn(mark_ready(Some(first), ready.clone()));
         tokio::task::yield_now().await;
         assert!(!ready.exists(), "not before the first sync");
         applied.send(()).unwrap();

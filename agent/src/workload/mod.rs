@@ -57,21 +57,6 @@ pub(crate) enum BindError {
     },
 }
 
-/// Serves the Workload API on `socket_path` to the callers `attestor`
-/// attests until `shutdown` completes.
-///
-/// Open streams then end with `UNAVAILABLE` (clients reconnect to the next
-/// agent), and the socket file is removed.
-pub(crate) async fn serve(
-    socket_path: &Path,
-    snapshots: SnapshotReceiver,
-    attestor: Arc<Attestor>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    let listener = bind(socket_path)?;
-    serve_on(listener, socket_path, snapshots, attestor, shutdown).await
-}
-
 /// Creates the socket: its parent directory if missing (mode 0755), a stale
 /// socket file removed, and the new socket's mode set to 0777.
 ///
@@ -80,7 +65,7 @@ pub(crate) async fn serve(
 /// callers are identified by what the kernel reports about them
 /// (SO_PEERCRED and `/proc`), not by who may open the file. A caller that no
 /// entry matches gets no identity.
-fn bind(path: &Path) -> Result<UnixListener, BindError> {
+pub(crate) fn bind(path: &Path) -> Result<UnixListener, BindError> {
     if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -117,9 +102,11 @@ fn bind(path: &Path) -> Result<UnixListener, BindError> {
     Ok(listener)
 }
 
-/// Serves on a bound listener until `shutdown` completes, then removes the
-/// socket file at `socket_path`.
-async fn serve_on(
+/// Serves the Workload API on a listener from [`bind`] to the callers
+/// `attestor` attests, until `shutdown` completes. Open streams then end
+/// with `UNAVAILABLE` (clients reconnect to the next agent), and the socket
+/// file at `socket_path` is removed.
+pub(crate) async fn serve_on(
     listener: UnixListener,
     socket_path: &Path,
     snapshots: SnapshotReceiver,

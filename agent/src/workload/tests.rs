@@ -575,27 +575,18 @@ async fn serve_listens_on_the_path_and_stops_on_shutdown() {
     let path = dir.path().join("api.sock");
     let (_tx, rx) = watch::channel(ca.snapshot(vec![ca.identity("/web", &own_selectors(), "")], 1));
     let (stop, stopped) = oneshot::channel::<()>();
+    // Once bound, the socket accepts connections, even before serving starts.
+    let listener = super::bind(&path).unwrap();
     let task = {
         let path = path.clone();
         tokio::spawn(async move {
-            super::serve(&path, rx, Arc::default(), async move {
+            super::serve_on(listener, &path, rx, Arc::default(), async move {
                 let _ = stopped.await;
             })
             .await
         })
     };
-    // The socket exists once the server task has run for the first time;
-    // until then a connection attempt fails at once and yields to it.
-    let mut client = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match client::connect(&path).await {
-                Ok(client) => break client,
-                Err(_) => tokio::task::yield_now().await,
-            }
-        }
-    })
-    .await
-    .unwrap();
+    let mut client = client::connect(&path).await.unwrap();
     let response = next_x509(&mut open_x509(&mut client).await).await;
     assert_eq!(response.svids[0].spiffe_id, "spiffe://example.org/web");
 
