@@ -46,9 +46,10 @@ pub enum TlsError {
     BadAnchor(webpki::Error),
 }
 
-/// The one crypto provider of the project.
+/// The one crypto provider of the project, built once.
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    static PROVIDER: std::sync::OnceLock<Arc<CryptoProvider>> = std::sync::OnceLock::new();
+    Arc::clone(PROVIDER.get_or_init(|| Arc::new(rustls::crypto::ring::default_provider())))
 }
 
 /// The CA certificates peers must chain to. Cheap to read on every
