@@ -22,6 +22,15 @@ pub const MAX_SELECTORS: usize = 64;
 /// Longest X.509-SVID lifetime an entry may ask for: 30 days.
 pub const MAX_X509_SVID_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
+/// Longest JWT-SVID lifetime an entry may ask for: 30 days.
+pub const MAX_JWT_SVID_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Longest entry ID, in bytes.
+pub const MAX_ENTRY_ID_LEN: usize = 255;
+
+/// Most trust domains one entry may federate with.
+pub const MAX_FEDERATES_WITH: usize = 64;
+
 /// A field of an entry that is wrong, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {reason}")]
@@ -34,12 +43,19 @@ pub struct FieldError {
 
 /// A validated registration entry.
 ///
-/// Invariants: `spiffe_id` has a non-root path; `spiffe_id` and `parent_id`
-/// are in the same trust domain; there is at least one selector; `hint` is at
-/// most [`MAX_HINT_LEN`] bytes; every DNS name is a valid name.
+/// Invariants: `id` is empty or a valid entry ID (see
+/// [`validate_entry_id`]); `spiffe_id` has a non-root path; `spiffe_id` and
+/// `parent_id` are in the same trust domain; there is at least one selector;
+/// `hint` is at most [`MAX_HINT_LEN`] bytes; every DNS name is a valid name;
+/// `federates_with` is sorted, without duplicates and without the entry's
+/// own trust domain.
+///
+/// Fields added after the first release carry `#[serde(default)]`, so entries
+/// stored before them still load.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
-    /// Stable identifier chosen by the server (empty before creation).
+    /// Stable identifier, chosen by the creator or the server (empty before
+    /// creation).
     pub id: String,
     /// The SPIFFE ID the entry's SVIDs carry.
     pub spiffe_id: SpiffeId,
@@ -57,6 +73,22 @@ pub struct Entry {
     pub revision: u64,
     /// Seconds since the Unix epoch; set by the server.
     pub created_at: i64,
+    /// Lifetime of the JWT-SVIDs; `None` means the server's default.
+    #[serde(default)]
+    pub jwt_svid_ttl: Option<Duration>,
+    /// Other trust domains whose bundles the workloads receive.
+    #[serde(default)]
+    pub federates_with: Vec<TrustDomain>,
+    /// Whether the workloads may call the admin API.
+    #[serde(default)]
+    pub admin: bool,
+    /// Whether the workloads may mint SVIDs for others.
+    #[serde(default)]
+    pub downstream: bool,
+    /// Seconds since the Unix epoch after which the entry issues no SVIDs;
+    /// `None` means never.
+    #[serde(default)]
+    pub expires_at: Option<i64>,
 }
 
 // === impl Entry ===
@@ -65,6 +97,9 @@ impl Entry {
     /// Converts and validates a wire entry. `td` is the trust domain both IDs
     /// must belong to.
     pub fn from_proto(e: &pb::Entry, td: &TrustDomain) -> Result<Self, FieldError> {
+        if !e.id.is_empty() {
+            validate_entry_id(&e.id).map_err(|reason| field_error("id", reason))?;
+        }
         let spiffe_id = parse_id("spiffe_id", &e.spiffe_id, td)?;
         if !spiffe_id.is_workload_id() {
             return Err(field_error(
@@ -93,20 +128,8 @@ impl Entry {
             selectors.insert(selector);
         }
 
-        let x509_svid_ttl = match e.x509_svid_ttl {
-            0 => None,
-            n if n < 0 => return Err(field_error("x509_svid_ttl", "must not be negative")),
-            n => {
-                let ttl = Duration::from_secs(n.unsigned_abs().into());
-                if ttl > MAX_X509_SVID_TTL {
-                    return Err(field_error(
-                        "x509_svid_ttl",
-                        &format!("must be at most {} seconds", MAX_X509_SVID_TTL.as_secs()),
-                    ));
-                }
-                Some(ttl)
-            }
-        };
+        let x509_svid_ttl = parse_ttl("x509_svid_ttl", e.x509_svid_ttl, MAX_X509_SVID_TTL)?;
+        let jwt_svid_ttl = parse_ttl("jwt_svid_ttl", e.jwt_svid_ttl, MAX_JWT_SVID_TTL)?;
 
         if e.dns_names.len() > crate::x509::MAX_DNS_NAMES {
             return Err(field_error(
@@ -129,6 +152,13 @@ impl Entry {
             return Err(field_error("hint", "must not contain control characters"));
         }
 
+        let federates_with = parse_federates_with(&e.federates_with, td)?;
+        let expires_at = match e.expires_at {
+            0 => None,
+            n if n < 0 => return Err(field_error("expires_at", "must not be negative")),
+            n => Some(n),
+        };
+
         Ok(Self {
             id: e.id.clone(),
             spiffe_id,
@@ -139,6 +169,11 @@ impl Entry {
             hint: e.hint.clone(),
             revision: e.revision,
             created_at: e.created_at,
+            jwt_svid_ttl,
+            federates_with,
+            admin: e.admin,
+            downstream: e.downstream,
+            expires_at,
         })
     }
 
@@ -156,14 +191,27 @@ impl Entry {
                     value: s.value().to_owned(),
                 })
                 .collect(),
-            x509_svid_ttl: self
-                .x509_svid_ttl
-                .map_or(0, |ttl| i32::try_from(ttl.as_secs()).unwrap_or(i32::MAX)),
+            x509_svid_ttl: ttl_seconds(self.x509_svid_ttl),
             dns_names: self.dns_names.clone(),
             hint: self.hint.clone(),
             revision: self.revision,
             created_at: self.created_at,
+            jwt_svid_ttl: ttl_seconds(self.jwt_svid_ttl),
+            federates_with: self
+                .federates_with
+                .iter()
+                .map(|td| td.name().to_owned())
+                .collect(),
+            admin: self.admin,
+            downstream: self.downstream,
+            expires_at: self.expires_at.unwrap_or(0),
         }
+    }
+
+    /// Whether the entry has expired at `now` (seconds since the Unix
+    /// epoch): it issues no SVIDs from its `expires_at` on.
+    pub fn is_expired(&self, now: i64) -> bool {
+        self.expires_at.is_some_and(|at| at <= now)
     }
 
     /// Whether two entries would issue the same SVIDs to the same workloads:
@@ -174,8 +222,10 @@ impl Entry {
             && self.selectors == other.selectors
     }
 
-    /// Whether a change from `self` to `new` alters the SVIDs issued for it,
-    /// so that agents must sign new ones.
+    /// Whether a change from `self` to `new` alters the X.509-SVIDs issued
+    /// for it, so that agents must sign new ones. The JWT-SVID lifetime,
+    /// federation, the admin and downstream flags and the expiry do not
+    /// appear in X.509-SVIDs.
     pub fn svid_changed(&self, new: &Entry) -> bool {
         self.spiffe_id != new.spiffe_id
             || self.dns_names != new.dns_names
@@ -188,6 +238,70 @@ fn field_error(field: &str, reason: &str) -> FieldError {
         field: field.to_owned(),
         reason: reason.to_owned(),
     }
+}
+
+fn parse_ttl(field: &str, seconds: i32, max: Duration) -> Result<Option<Duration>, FieldError> {
+    match seconds {
+        0 => Ok(None),
+        n if n < 0 => Err(field_error(field, "must not be negative")),
+        n => {
+            let ttl = Duration::from_secs(n.unsigned_abs().into());
+            if ttl > max {
+                return Err(field_error(
+                    field,
+                    &format!("must be at most {} seconds", max.as_secs()),
+                ));
+            }
+            Ok(Some(ttl))
+        }
+    }
+}
+
+fn ttl_seconds(ttl: Option<Duration>) -> i32 {
+    ttl.map_or(0, |ttl| i32::try_from(ttl.as_secs()).unwrap_or(i32::MAX))
+}
+
+fn parse_federates_with(
+    names: &[String],
+    td: &TrustDomain,
+) -> Result<Vec<TrustDomain>, FieldError> {
+    if names.len() > MAX_FEDERATES_WITH {
+        return Err(field_error(
+            "federates_with",
+            &format!("at most {MAX_FEDERATES_WITH} trust domains are allowed"),
+        ));
+    }
+    let mut out = Vec::with_capacity(names.len());
+    for (i, name) in names.iter().enumerate() {
+        let field = format!("federates_with[{i}]");
+        let other =
+            TrustDomain::new(name).map_err(|e| field_error(&field, &format!("{name:?} {e}")))?;
+        if other == *td {
+            return Err(field_error(
+                &field,
+                &format!("{name:?} is the entry's own trust domain"),
+            ));
+        }
+        out.push(other);
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// Checks a user-supplied entry ID: 1 to [`MAX_ENTRY_ID_LEN`] bytes of ASCII
+/// letters, digits, `-`, `_` and `.`.
+pub fn validate_entry_id(id: &str) -> Result<(), &'static str> {
+    if id.is_empty() || id.len() > MAX_ENTRY_ID_LEN {
+        return Err("must be 1 to 255 bytes");
+    }
+    if !id
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err("only ASCII letters, digits, `-`, `_` and `.` are allowed");
+    }
+    Ok(())
 }
 
 fn parse_id(field: &str, value: &str, td: &TrustDomain) -> Result<SpiffeId, FieldError> {
@@ -276,6 +390,19 @@ mod tests {
             (|e| e.x509_svid_ttl = -1, "x509_svid_ttl"),
             (|e| e.dns_names.push("bad name".into()), "dns_names[1]"),
             (|e| e.hint = "x".repeat(MAX_HINT_LEN + 1), "hint"),
+            (|e| e.jwt_svid_ttl = -5, "jwt_svid_ttl"),
+            (|e| e.jwt_svid_ttl = i32::MAX, "jwt_svid_ttl"),
+            (
+                |e| e.federates_with = vec!["Bad!".into()],
+                "federates_with[0]",
+            ),
+            (
+                |e| e.federates_with = vec!["a.org".into(), "example.org".into()],
+                "federates_with[1]",
+            ),
+            (|e| e.expires_at = -1, "expires_at"),
+            (|e| e.id = "has space".into(), "id"),
+            (|e| e.id = "x".repeat(MAX_ENTRY_ID_LEN + 1), "id"),
         ];
         for (mutate, field) in cases {
             let mut e = wire();
@@ -286,10 +413,73 @@ mod tests {
     }
 
     #[test]
+    fn new_fields_round_trip_and_federation_is_a_sorted_set() {
+        let mut w = wire();
+        w.id = "web-1_a.b".into();
+        w.jwt_svid_ttl = 300;
+        w.federates_with = vec![
+            "partner.org".into(),
+            "spiffe://bank.example".into(),
+            "partner.org".into(),
+        ];
+        w.admin = true;
+        w.downstream = true;
+        w.expires_at = 1_900_000_000;
+        let entry = Entry::from_proto(&w, &td()).unwrap();
+        assert_eq!(entry.id, "web-1_a.b");
+        assert_eq!(entry.jwt_svid_ttl, Some(Duration::from_secs(300)));
+        assert_eq!(entry.expires_at, Some(1_900_000_000));
+        let wire_back = entry.to_proto();
+        assert_eq!(wire_back.federates_with, ["bank.example", "partner.org"]);
+        assert!(wire_back.admin && wire_back.downstream);
+        assert_eq!(wire_back.expires_at, 1_900_000_000);
+        assert_eq!(Entry::from_proto(&wire_back, &td()).unwrap(), entry);
+
+        assert!(!entry.is_expired(1_899_999_999));
+        assert!(entry.is_expired(1_900_000_000));
+        let never = Entry::from_proto(&wire(), &td()).unwrap();
+        assert_eq!(never.expires_at, None);
+        assert!(!never.is_expired(i64::MAX));
+    }
+
+    #[test]
+    fn entries_stored_without_the_newer_fields_still_load() {
+        let mut stored = serde_json::to_value(Entry::from_proto(&wire(), &td()).unwrap()).unwrap();
+        let object = stored.as_object_mut().unwrap();
+        for field in [
+            "jwt_svid_ttl",
+            "federates_with",
+            "admin",
+            "downstream",
+            "expires_at",
+        ] {
+            assert!(object.remove(field).is_some(), "{field}");
+        }
+        let entry: Entry = serde_json::from_value(stored).unwrap();
+        assert_eq!(entry, Entry::from_proto(&wire(), &td()).unwrap());
+    }
+
+    #[test]
+    fn entry_ids_are_checked() {
+        assert!(validate_entry_id("a").is_ok());
+        assert!(validate_entry_id(&"a".repeat(MAX_ENTRY_ID_LEN)).is_ok());
+        assert_eq!(validate_entry_id(""), Err("must be 1 to 255 bytes"));
+        assert_eq!(
+            validate_entry_id("a/b"),
+            Err("only ASCII letters, digits, `-`, `_` and `.` are allowed")
+        );
+    }
+
+    #[test]
     fn only_svid_fields_count_as_svid_changes() {
         let a = Entry::from_proto(&wire(), &td()).unwrap();
         let mut b = a.clone();
         b.hint = "other".into();
+        b.jwt_svid_ttl = Some(Duration::from_secs(60));
+        b.federates_with = vec![TrustDomain::new("partner.org").unwrap()];
+        b.admin = true;
+        b.downstream = true;
+        b.expires_at = Some(1);
         assert!(!a.svid_changed(&b));
         b.dns_names.clear();
         assert!(a.svid_changed(&b));

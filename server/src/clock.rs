@@ -23,3 +23,47 @@ pub(crate) fn from_unix(secs: i64) -> SystemTime {
 pub(crate) fn rfc3339(secs: i64) -> String {
     humantime::format_rfc3339_seconds(from_unix(secs)).to_string()
 }
+
+/// The source of wall-clock time for schedules that sleep on tokio time.
+///
+/// [`Clock::System`] reads the system clock. [`Clock::Tokio`] derives wall
+/// time from tokio's clock, so that tests on paused tokio time advance both
+/// together.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Clock {
+    /// The system clock.
+    System,
+    /// `wall` at `instant`, advancing with tokio's clock.
+    #[cfg_attr(not(test), expect(dead_code, reason = "used by tests on paused time"))]
+    Tokio {
+        /// Wall time at `instant`.
+        wall: SystemTime,
+        /// The tokio instant matching `wall`.
+        instant: tokio::time::Instant,
+    },
+}
+
+impl Clock {
+    /// A clock following tokio's time from now on.
+    #[cfg(test)]
+    pub(crate) fn tokio() -> Self {
+        Self::Tokio {
+            wall: SystemTime::now(),
+            instant: tokio::time::Instant::now(),
+        }
+    }
+
+    /// The current wall-clock time.
+    pub(crate) fn now(&self) -> SystemTime {
+        match self {
+            Self::System => SystemTime::now(),
+            Self::Tokio { wall, instant } => *wall + instant.elapsed(),
+        }
+    }
+
+    /// The tokio instant at which this clock shows `at` (now, for times in
+    /// the past).
+    pub(crate) fn instant_of(&self, at: SystemTime) -> tokio::time::Instant {
+        tokio::time::Instant::now() + at.duration_since(self.now()).unwrap_or_default()
+    }
+}

@@ -41,7 +41,7 @@ pub(crate) struct RunArgs {
     /// Lifetime of workload X.509-SVIDs whose entry sets none [default: 1h].
     #[arg(long, value_name = "DURATION")]
     pub(crate) default_x509_svid_ttl: Option<String>,
-    /// Lifetime of a newly created CA [default: 24h].
+    /// Lifetime of each X.509 signing authority; SVID lifetimes are capped at a sixth of it [default: 24h].
     #[arg(long, value_name = "DURATION")]
     pub(crate) ca_ttl: Option<String>,
     /// Lifetime of agent SVIDs [default: 1h].
@@ -88,7 +88,7 @@ pub(crate) struct Config {
     pub(crate) data_dir: PathBuf,
     /// Lifetime of workload SVIDs whose entry sets none.
     pub(crate) default_x509_svid_ttl: Duration,
-    /// Lifetime of a new CA.
+    /// Lifetime of each X.509 signing authority.
     pub(crate) ca_ttl: Duration,
     /// Lifetime of agent SVIDs.
     pub(crate) agent_svid_ttl: Duration,

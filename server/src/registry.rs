@@ -4,6 +4,11 @@
 //! Every change is written to the [`Store`] first, then applied in memory;
 //! subscribers are notified once the store has flushed, so a change an agent
 //! hears about is durable.
+//!
+//! Expired entries (past their `expires_at`) entitle no agent to anything
+//! and are deleted by [`expiry::prune`].
+
+pub(crate) mod expiry;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::ops::Bound;
@@ -11,7 +16,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use sigil::entry::FieldError;
 use sigil::proto::sigil::types::v1 as pb;
-use sigil::{Entry, SpiffeId, TrustDomain};
+use sigil::{Entry, Selectors, SpiffeId, TrustDomain};
 use tokio::sync::{Mutex, watch};
 
 use crate::clock;
@@ -29,6 +34,9 @@ pub(crate) enum RegistryError {
     /// Another entry has the same SPIFFE ID, parent and selectors.
     #[error("entry with the same spiffe_id, parent_id and selectors exists: {0}")]
     Duplicate(String),
+    /// An entry with the requested ID exists already.
+    #[error("entry {0:?} already exists")]
+    IdExists(String),
     /// No entry has this ID.
     #[error("no entry {0:?}")]
     NotFound(String),
@@ -45,7 +53,7 @@ impl RegistryError {
     pub(crate) fn code(&self) -> tonic::Code {
         match self {
             Self::Invalid(_) | Self::ParentIsSelf | Self::MissingId => tonic::Code::InvalidArgument,
-            Self::Duplicate(_) => tonic::Code::AlreadyExists,
+            Self::Duplicate(_) | Self::IdExists(_) => tonic::Code::AlreadyExists,
             Self::NotFound(_) => tonic::Code::NotFound,
             Self::Store(_) => tonic::Code::Internal,
         }
@@ -57,26 +65,91 @@ impl RegistryError {
     /// item is more than the ID.
     pub(crate) fn item_message(&self, item: &str, id_field: Option<&str>) -> String {
         match (self, id_field) {
-            (Self::NotFound(_) | Self::MissingId, Some(field)) => format!("{item}.{field}: {self}"),
-            (Self::NotFound(_) | Self::MissingId | Self::Duplicate(_) | Self::Store(_), _) => {
-                format!("{item}: {self}")
+            (Self::NotFound(_) | Self::MissingId | Self::IdExists(_), Some(field)) => {
+                format!("{item}.{field}: {self}")
             }
+            (
+                Self::NotFound(_)
+                | Self::MissingId
+                | Self::IdExists(_)
+                | Self::Duplicate(_)
+                | Self::Store(_),
+                _,
+            ) => format!("{item}: {self}"),
             (Self::Invalid(_) | Self::ParentIsSelf, _) => format!("{item}.{self}"),
         }
     }
 }
 
-/// Filters and position of one page of [`Registry::list`].
+/// How a selector filter compares with an entry's selectors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SelectorMatch {
+    /// The entry has exactly the given selectors.
+    Exact,
+    /// Every selector of the entry is among the given ones.
+    Subset,
+    /// The entry has every given selector, and maybe more.
+    Superset,
+    /// The entry has at least one of the given selectors.
+    Any,
+}
+
+/// Filters and position of one page of [`Registry::list`]; [`Registry::count`]
+/// uses only the filters.
 #[derive(Debug, Default)]
 pub(crate) struct ListQuery<'a> {
+    /// Only the entry with this ID.
+    pub(crate) id: Option<&'a str>,
     /// Only entries with this SPIFFE ID.
     pub(crate) spiffe_id: Option<&'a SpiffeId>,
     /// Only entries with this parent.
     pub(crate) parent_id: Option<&'a SpiffeId>,
+    /// Only entries federating with every one of these trust domains.
+    pub(crate) federates_with: &'a [TrustDomain],
+    /// Only entries with exactly this hint.
+    pub(crate) hint: Option<&'a str>,
+    /// Only entries whose selectors relate to these as the mode says.
+    pub(crate) selectors: Option<(&'a Selectors, SelectorMatch)>,
     /// Only entries whose ID sorts after this one.
     pub(crate) after: Option<&'a str>,
     /// At most this many entries.
     pub(crate) limit: usize,
+}
+
+// === impl SelectorMatch ===
+
+impl SelectorMatch {
+    /// Whether an entry with `selectors` matches the filter `given`.
+    fn matches(self, selectors: &Selectors, given: &Selectors) -> bool {
+        match self {
+            Self::Exact => selectors == given,
+            Self::Subset => selectors.is_subset_of(given),
+            Self::Superset => given.is_subset_of(selectors),
+            Self::Any => {
+                let theirs: BTreeSet<_> = selectors.iter().collect();
+                given.iter().any(|s| theirs.contains(s))
+            }
+        }
+    }
+}
+
+// === impl ListQuery ===
+
+impl ListQuery<'_> {
+    /// Whether `entry` passes every filter.
+    fn matches(&self, entry: &Entry) -> bool {
+        self.id.is_none_or(|id| entry.id == id)
+            && self.spiffe_id.is_none_or(|id| entry.spiffe_id == *id)
+            && self.parent_id.is_none_or(|id| entry.parent_id == *id)
+            && self.hint.is_none_or(|hint| entry.hint == hint)
+            && self
+                .federates_with
+                .iter()
+                .all(|td| entry.federates_with.binary_search(td).is_ok())
+            && self
+                .selectors
+                .is_none_or(|(given, mode)| mode.matches(&entry.selectors, given))
+    }
 }
 
 #[derive(Debug, Default)]
@@ -130,7 +203,9 @@ impl Index {
             .map(|other| other.id.clone())
     }
 
-    fn entitled(&self, agent: &SpiffeId) -> Vec<Arc<Entry>> {
+    /// The entries `agent` is entitled to at `now`. An expired entry is
+    /// skipped, and so are the entries below it.
+    fn entitled(&self, agent: &SpiffeId, now: i64) -> Vec<Arc<Entry>> {
         let mut out = Vec::new();
         let mut seen_parents = HashSet::from([agent.clone()]);
         let mut queue = VecDeque::from([agent.clone()]);
@@ -138,7 +213,8 @@ impl Index {
             let Some(ids) = self.by_parent.get(&parent) else {
                 continue;
             };
-            for entry in ids.iter().filter_map(|id| self.entries.get(id)) {
+            let entries = ids.iter().filter_map(|id| self.entries.get(id));
+            for entry in entries.filter(|e| !e.is_expired(now)) {
                 out.push(Arc::clone(entry));
                 if seen_parents.insert(entry.spiffe_id.clone()) {
                     queue.push_back(entry.spiffe_id.clone());
@@ -184,9 +260,39 @@ impl Registry {
 
     /// The entries an agent is entitled to: those whose parent is the agent,
     /// and recursively those whose parent is the SPIFFE ID of an entitled
-    /// entry.
+    /// entry. Expired entries are left out.
     pub(crate) fn entitled(&self, agent: &SpiffeId) -> Vec<Arc<Entry>> {
-        self.read(|index| index.entitled(agent))
+        let now = clock::now_unix();
+        self.read(|index| index.entitled(agent, now))
+    }
+
+    /// How many entries pass the filters of `query`.
+    pub(crate) fn count(&self, query: &ListQuery<'_>) -> usize {
+        self.read(|index| index.entries.values().filter(|e| query.matches(e)).count())
+    }
+
+    /// The earliest `expires_at` of all entries, if any entry expires.
+    pub(crate) fn next_expiry(&self) -> Option<i64> {
+        self.read(|index| index.entries.values().filter_map(|e| e.expires_at).min())
+    }
+
+    /// Deletes the entries expired at `now`, as [`Registry::delete`] does
+    /// (agents hear about it), and returns them.
+    pub(crate) async fn prune_expired(&self, now: i64) -> Vec<Result<Arc<Entry>, RegistryError>> {
+        let _writer = self.writer.lock().await;
+        let expired: Vec<String> = self.read(|index| {
+            index
+                .entries
+                .values()
+                .filter(|e| e.is_expired(now))
+                .map(|e| e.id.clone())
+                .collect()
+        });
+        let mut results = Vec::with_capacity(expired.len());
+        for id in &expired {
+            results.push(self.delete_one(id).await);
+        }
+        self.commit(results).await
     }
 
     /// One page of entries, sorted by ID, and whether more follow.
@@ -199,8 +305,7 @@ impl Registry {
                 .entries
                 .range((start, Bound::Unbounded))
                 .map(|(_, e)| e)
-                .filter(|e| query.spiffe_id.is_none_or(|id| e.spiffe_id == *id))
-                .filter(|e| query.parent_id.is_none_or(|id| e.parent_id == *id))
+                .filter(|e| query.matches(e))
                 .take(query.limit.saturating_add(1))
                 .cloned()
                 .collect();
@@ -210,7 +315,8 @@ impl Registry {
         })
     }
 
-    /// Creates entries; each gets a new ID, revision and creation time.
+    /// Creates entries; each gets a revision and creation time, and a new ID
+    /// unless it comes with one.
     pub(crate) async fn create(
         &self,
         items: &[pb::Entry],
@@ -225,7 +331,11 @@ impl Registry {
 
     async fn create_one(&self, item: &pb::Entry) -> Result<Arc<Entry>, RegistryError> {
         let mut entry = self.validate(item)?;
-        entry.id = uuid::Uuid::new_v4().to_string();
+        if entry.id.is_empty() {
+            entry.id = uuid::Uuid::new_v4().to_string();
+        } else if self.get(&entry.id).is_some() {
+            return Err(RegistryError::IdExists(entry.id));
+        }
         if let Some(existing) = self.read(|index| index.duplicate_of(&entry)) {
             return Err(RegistryError::Duplicate(existing));
         }

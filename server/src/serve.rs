@@ -24,10 +24,11 @@ use tonic::transport::Server;
 use crate::api::Services;
 use crate::api::admin::AdminService;
 use crate::api::agent::AgentService;
-use crate::ca::{Ca, create_private_dir, server_svid};
+use crate::ca::{Ca, create_private_dir, rotation, server_svid};
+use crate::clock::Clock;
 use crate::config::Config;
 use crate::listen;
-use crate::registry::Registry;
+use crate::registry::{Registry, expiry};
 use crate::shutdown::{self, Trigger};
 use crate::store::{SledStore, Store};
 use crate::tokens::JoinTokens;
@@ -93,22 +94,37 @@ pub(crate) async fn start(config: &Config) -> anyhow::Result<Running> {
         SledStore::open(&data_dir.join("store"))
             .with_context(|| format!("opening the store in {}", data_dir.display()))?,
     );
-    let ca = Arc::new(Ca::load_or_create(
+    let schedule = rotation::Schedule::load(
+        Arc::clone(&store),
         &data_dir.join("ca"),
         &td,
         config.ca_ttl,
-    )?);
+        Clock::System,
+    )
+    .await?;
+    let ca = Arc::new(Ca::new(
+        schedule.published()?,
+        rotation::max_svid_ttl(config.ca_ttl),
+    ));
+    let default_x509_svid_ttl = rotation::cap_svid_ttl(
+        "default_x509_svid_ttl",
+        config.default_x509_svid_ttl,
+        config.ca_ttl,
+    );
+    let agent_svid_ttl =
+        rotation::cap_svid_ttl("agent_svid_ttl", config.agent_svid_ttl, config.ca_ttl);
     let registry = Arc::new(Registry::load(td.clone(), Arc::clone(&store)).await?);
     tracing::info!(entries = registry.len(), "loaded the registration entries");
     let tokens = Arc::new(JoinTokens::new(td, Arc::clone(&store)));
     let (trigger, shutdown) = shutdown::channel();
 
-    let svid = server_svid::issue(ca.authority(), config.default_x509_svid_ttl)?;
+    let published = ca.current();
+    let svid = server_svid::issue(&published.active, default_x509_svid_ttl)?;
     let resolver = Arc::new(SvidResolver::new(svid.chain.clone(), &svid.key)?);
-    let trust = Arc::new(TrustStore::new(ca.bundle())?);
+    let trust = Arc::new(TrustStore::new(&published.bundle)?);
     let tls = sigil::tls::server_config(
         Arc::clone(&resolver),
-        Arc::new(SpiffeClientVerifier::new(trust)),
+        Arc::new(SpiffeClientVerifier::new(Arc::clone(&trust))),
     )?;
 
     let services = Arc::new(Services {
@@ -116,8 +132,8 @@ pub(crate) async fn start(config: &Config) -> anyhow::Result<Running> {
         store: Arc::clone(&store),
         registry,
         tokens,
-        default_x509_svid_ttl: config.default_x509_svid_ttl,
-        agent_svid_ttl: config.agent_svid_ttl,
+        default_x509_svid_ttl,
+        agent_svid_ttl,
         shutdown: shutdown.clone(),
     });
 
@@ -159,11 +175,24 @@ pub(crate) async fn start(config: &Config) -> anyhow::Result<Running> {
     tasks.push(supervise("admin API", serving, fatal_tx));
     tracing::info!(path = %config.admin_socket_path.display(), "admin API listening");
 
+    tasks.push(tokio::spawn(expiry::prune(
+        Arc::clone(&services.registry),
+        shutdown.clone(),
+    )));
+
+    tasks.push(tokio::spawn(rotation::run(
+        schedule,
+        Arc::clone(&ca),
+        shutdown.clone(),
+    )));
+
     tasks.push(tokio::spawn(server_svid::rotate(
-        Arc::clone(ca.authority()),
+        Arc::clone(&ca),
         resolver,
-        config.default_x509_svid_ttl,
+        trust,
+        default_x509_svid_ttl,
         svid,
+        published.active_id.clone(),
         shutdown,
     )));
 

@@ -23,11 +23,13 @@
 
 mod support;
 
+mod ca_rotation;
 mod interop;
 mod issuance;
 mod mtls;
 mod quickstart;
 mod refusals;
+mod registration;
 mod restarts;
 mod rotation;
 mod workloads;

@@ -4,20 +4,21 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sigil::SpiffeId;
 use sigil::proto::sigil::admin::v1::admin_server::Admin;
 use sigil::proto::sigil::admin::v1::{
-    BatchCreateEntryRequest, BatchDeleteEntryRequest, BatchEntryResponse, BatchUpdateEntryRequest,
-    CreateJoinTokenRequest, CreateJoinTokenResponse, EntryResult, GetBundleRequest,
-    GetEntryRequest, ListEntriesRequest, ListEntriesResponse,
+    self as admin_pb, BatchCreateEntryRequest, BatchDeleteEntryRequest, BatchEntryResponse,
+    BatchUpdateEntryRequest, CountEntriesRequest, CountEntriesResponse, CreateJoinTokenRequest,
+    CreateJoinTokenResponse, EntryResult, GetBundleRequest, GetEntryRequest, ListEntriesRequest,
+    ListEntriesResponse,
 };
 use sigil::proto::sigil::types::v1 as pb;
+use sigil::{Selector, Selectors, SpiffeId, TrustDomain};
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
 use super::{Services, internal};
 use crate::clock;
-use crate::registry::{ListQuery, RegistryError};
+use crate::registry::{ListQuery, RegistryError, SelectorMatch};
 use crate::tokens::{DEFAULT_TTL, TokenError};
 
 /// Entries per page when the caller sets no page size.
@@ -104,7 +105,85 @@ fn results(
     BatchEntryResponse { results }
 }
 
-fn parse_filter(field: &str, value: &str) -> Result<Option<SpiffeId>, Status> {
+/// The filters of a list or count request, checked.
+#[derive(Debug)]
+struct Filter {
+    id: Option<String>,
+    spiffe_id: Option<SpiffeId>,
+    parent_id: Option<SpiffeId>,
+    federates_with: Vec<TrustDomain>,
+    hint: Option<String>,
+    selectors: Option<(Selectors, SelectorMatch)>,
+}
+
+// === impl Filter ===
+
+impl Filter {
+    /// Checks the filter fields of `req`; an empty field filters nothing.
+    fn parse(req: &ListEntriesRequest) -> Result<Self, Status> {
+        let federates_with = req
+            .by_federates_with
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                TrustDomain::new(name).map_err(|e| {
+                    Status::invalid_argument(format!("by_federates_with[{i}]: {name:?} {e}"))
+                })
+            })
+            .collect::<Result<_, _>>()?;
+
+        let mode = match admin_pb::SelectorMatch::try_from(req.selector_match) {
+            Ok(admin_pb::SelectorMatch::Exact) => SelectorMatch::Exact,
+            Ok(admin_pb::SelectorMatch::Subset) => SelectorMatch::Subset,
+            Ok(admin_pb::SelectorMatch::Superset) => SelectorMatch::Superset,
+            Ok(admin_pb::SelectorMatch::Any) => SelectorMatch::Any,
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "selector_match: unknown mode {}",
+                    req.selector_match
+                )));
+            }
+        };
+        let selectors = req
+            .by_selectors
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                Selector::new(&s.r#type, &s.value)
+                    .map_err(|e| Status::invalid_argument(format!("by_selectors[{i}]: {e}")))
+            })
+            .collect::<Result<Selectors, _>>()?;
+
+        Ok(Self {
+            id: non_empty(&req.by_id),
+            spiffe_id: parse_id("by_spiffe_id", &req.by_spiffe_id)?,
+            parent_id: parse_id("by_parent_id", &req.by_parent_id)?,
+            federates_with,
+            hint: non_empty(&req.by_hint),
+            selectors: (!selectors.is_empty()).then_some((selectors, mode)),
+        })
+    }
+
+    /// The registry query for these filters, without a page position.
+    fn query(&self) -> ListQuery<'_> {
+        ListQuery {
+            id: self.id.as_deref(),
+            spiffe_id: self.spiffe_id.as_ref(),
+            parent_id: self.parent_id.as_ref(),
+            federates_with: &self.federates_with,
+            hint: self.hint.as_deref(),
+            selectors: self.selectors.as_ref().map(|(s, mode)| (s, *mode)),
+            after: None,
+            limit: 0,
+        }
+    }
+}
+
+fn non_empty(value: &str) -> Option<String> {
+    Some(value.to_owned()).filter(|v| !v.is_empty())
+}
+
+fn parse_id(field: &str, value: &str) -> Result<Option<SpiffeId>, Status> {
     if value.is_empty() {
         return Ok(None);
     }
@@ -181,18 +260,16 @@ impl Admin for AdminService {
     ) -> Result<Response<ListEntriesResponse>, Status> {
         self.authorize(&request)?;
         let req = request.get_ref();
-        let spiffe_id = parse_filter("by_spiffe_id", &req.by_spiffe_id)?;
-        let parent_id = parse_filter("by_parent_id", &req.by_parent_id)?;
+        let filter = Filter::parse(req)?;
         let limit = match usize::try_from(req.page_size) {
             Err(_) => return Err(Status::invalid_argument("page_size: must not be negative")),
             Ok(0) => DEFAULT_PAGE_SIZE,
             Ok(n) => n.min(MAX_PAGE_SIZE),
         };
         let (page, more) = self.services.registry.list(&ListQuery {
-            spiffe_id: spiffe_id.as_ref(),
-            parent_id: parent_id.as_ref(),
             after: Some(req.page_token.as_str()).filter(|t| !t.is_empty()),
             limit,
+            ..filter.query()
         });
         let next_page_token = match (more, page.last()) {
             (true, Some(last)) => last.id.clone(),
@@ -201,6 +278,21 @@ impl Admin for AdminService {
         Ok(Response::new(ListEntriesResponse {
             entries: page.iter().map(|e| e.to_proto()).collect(),
             next_page_token,
+        }))
+    }
+
+    async fn count_entries(
+        &self,
+        request: Request<CountEntriesRequest>,
+    ) -> Result<Response<CountEntriesResponse>, Status> {
+        self.authorize(&request)?;
+        let filter = match &request.get_ref().filter {
+            Some(req) => Filter::parse(req)?,
+            None => Filter::parse(&ListEntriesRequest::default())?,
+        };
+        let count = self.services.registry.count(&filter.query());
+        Ok(Response::new(CountEntriesResponse {
+            count: u64::try_from(count).unwrap_or(u64::MAX),
         }))
     }
 
@@ -242,5 +334,83 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::Bundle>, Status> {
         self.authorize(&request)?;
         Ok(Response::new(self.services.ca.bundle_proto()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn selector(kind: &str, value: &str) -> pb::Selector {
+        pb::Selector {
+            r#type: kind.into(),
+            value: value.into(),
+        }
+    }
+
+    #[test]
+    fn filters_are_parsed_and_empty_ones_filter_nothing() {
+        let none = Filter::parse(&ListEntriesRequest::default()).unwrap();
+        assert!(none.id.is_none() && none.hint.is_none() && none.selectors.is_none());
+        assert!(none.spiffe_id.is_none() && none.parent_id.is_none());
+        assert!(none.federates_with.is_empty());
+
+        let filter = Filter::parse(&ListEntriesRequest {
+            by_id: "e1".into(),
+            by_spiffe_id: "spiffe://example.org/web".into(),
+            by_federates_with: vec!["partner.org".into()],
+            by_hint: "h".into(),
+            by_selectors: vec![selector("unix", "uid:1"), selector("unix", "gid:2")],
+            selector_match: admin_pb::SelectorMatch::Subset.into(),
+            ..Default::default()
+        })
+        .unwrap();
+        let query = filter.query();
+        assert_eq!(query.id, Some("e1"));
+        assert_eq!(query.hint, Some("h"));
+        assert_eq!(query.federates_with.len(), 1);
+        let (selectors, mode) = query.selectors.unwrap();
+        assert_eq!(selectors.len(), 2);
+        assert_eq!(mode, SelectorMatch::Subset);
+    }
+
+    #[test]
+    fn bad_filters_name_the_field() {
+        let cases = [
+            (
+                ListEntriesRequest {
+                    by_parent_id: "spiffe://Bad".into(),
+                    ..Default::default()
+                },
+                "by_parent_id: \"spiffe://Bad\" ",
+            ),
+            (
+                ListEntriesRequest {
+                    by_federates_with: vec!["ok.org".into(), "Bad!".into()],
+                    ..Default::default()
+                },
+                "by_federates_with[1]: \"Bad!\" ",
+            ),
+            (
+                ListEntriesRequest {
+                    by_selectors: vec![selector("unix", "")],
+                    ..Default::default()
+                },
+                "by_selectors[0]: ",
+            ),
+            (
+                ListEntriesRequest {
+                    by_selectors: vec![selector("unix", "uid:1")],
+                    selector_match: 42,
+                    ..Default::default()
+                },
+                "selector_match: unknown mode 42",
+            ),
+        ];
+        for (request, prefix) in cases {
+            let status = Filter::parse(&request).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::InvalidArgument);
+            assert!(status.message().starts_with(prefix), "{}", status.message());
+        }
     }
 }

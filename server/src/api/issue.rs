@@ -17,7 +17,8 @@ use crate::clock;
 /// Most items of one batch.
 pub(crate) const MAX_BATCH: usize = 500;
 
-/// Validates every item, then signs them all, or refuses the whole batch
+/// Validates every item, then signs them all with the signing authority of
+/// the moment (lifetimes capped so that the authorities can rotate),, or refuses the whole batch
 /// with the first failing item's status.
 pub(crate) async fn batch(
     services: &Services,
@@ -52,10 +53,13 @@ pub(crate) async fn batch(
     .into_iter()
     .collect::<Result<Vec<_>, Status>>()?;
 
-    let authority = Arc::clone(services.ca.authority());
+    // One authority for the whole batch, even if another becomes active
+    // meanwhile.
+    let authority = services.ca.authority();
     let default_ttl = services.default_x509_svid_ttl;
+    let max_ttl = services.ca.max_svid_ttl();
     let signed = parallel(checked, move |(entry, csr)| {
-        sign(&authority, &entry, &csr, default_ttl)
+        sign(&authority, &entry, &csr, default_ttl, max_ttl)
     })
     .await?
     .into_iter()
@@ -121,8 +125,9 @@ fn sign(
     entry: &Entry,
     csr: &Csr,
     default_ttl: std::time::Duration,
+    max_ttl: std::time::Duration,
 ) -> Result<X509Svid, Status> {
-    let ttl = entry.x509_svid_ttl.unwrap_or(default_ttl);
+    let ttl = entry.x509_svid_ttl.unwrap_or(default_ttl).min(max_ttl);
     let svid = authority
         .sign_leaf(csr.public_key(), &entry.spiffe_id, &entry.dns_names, ttl)
         .map_err(|e| internal("signing an X509-SVID", e))?;

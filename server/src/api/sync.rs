@@ -1,5 +1,6 @@
 //! `SyncEntries`: the entries an agent is entitled to, first as a diff
-//! against what the agent holds, then as a diff each time they change.
+//! against what the agent holds, then as a diff each time they change; the
+//! bundle first and then each time it changes.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -61,12 +62,16 @@ fn revisions(entitled: &[Arc<Entry>]) -> Revisions {
 /// UNAVAILABLE when the server shuts down.
 pub(crate) fn stream(services: Arc<Services>, agent: SpiffeId, known: Revisions) -> SyncStream {
     let mut changes = services.registry.subscribe();
+    let mut bundle_changes = services.ca.subscribe();
     let mut shutdown = services.shutdown.clone();
     Box::pin(async_stream::stream! {
         changes.borrow_and_update();
+        bundle_changes.borrow_and_update();
         let entitled = services.registry.entitled(&agent);
         let mut first = diff(&known, &entitled);
-        first.bundle = Some(services.ca.bundle_proto());
+        let bundle = services.ca.bundle_proto();
+        let mut sent_sequence = bundle.sequence;
+        first.bundle = Some(bundle);
         let mut held = revisions(&entitled);
         tracing::debug!(
             agent.id = %agent,
@@ -83,11 +88,21 @@ pub(crate) fn stream(services: Arc<Services>, agent: SpiffeId, known: Revisions)
                         break;
                     }
                 }
+                changed = bundle_changes.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                }
                 () = shutdown.wait() => break,
             }
             let entitled = services.registry.entitled(&agent);
-            let update = diff(&held, &entitled);
-            if update.upserted.is_empty() && update.deleted.is_empty() {
+            let mut update = diff(&held, &entitled);
+            let bundle = services.ca.bundle_proto();
+            if bundle.sequence != sent_sequence {
+                sent_sequence = bundle.sequence;
+                update.bundle = Some(bundle);
+            }
+            if update.upserted.is_empty() && update.deleted.is_empty() && update.bundle.is_none() {
                 continue;
             }
             held = revisions(&entitled);
@@ -95,6 +110,7 @@ pub(crate) fn stream(services: Arc<Services>, agent: SpiffeId, known: Revisions)
                 agent.id = %agent,
                 upserted = update.upserted.len(),
                 deleted = update.deleted.len(),
+                bundle.sequence = update.bundle.as_ref().map(|b| b.sequence),
                 "entry sync: changes sent"
             );
             yield Ok(update);
@@ -109,6 +125,7 @@ mod tests {
     use sigil::proto::sigil::types::v1 as pb;
 
     use super::*;
+    use crate::ca::{Ca, Published};
 
     fn entry(id: &str, revision: u64) -> Arc<Entry> {
         let td = TrustDomain::new("example.org").unwrap();
@@ -146,6 +163,75 @@ mod tests {
         assert_eq!(upserted, [("new".into(), 3), ("old".into(), 2)]);
         assert_eq!(d.deleted, ["gone"]);
         assert!(diff(&revisions(&entitled), &entitled).upserted.is_empty());
+    }
+
+    fn published(authorities: &[&Arc<sigil::x509::Authority>], sequence: u64) -> Published {
+        let td = TrustDomain::new("example.org").unwrap();
+        let active = authorities[authorities.len() - 1];
+        Published {
+            active_id: format!("{sequence}"),
+            active: Arc::clone(active),
+            bundle: sigil::bundle::X509Bundle::new(
+                td,
+                authorities.iter().map(|a| a.cert().clone()).collect(),
+            ),
+            sequence,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_bundle_change_is_pushed_on_an_open_stream() {
+        use futures::StreamExt;
+
+        let td = TrustDomain::new("example.org").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn crate::store::Store> =
+            Arc::new(crate::store::SledStore::open(dir.path()).unwrap());
+        let ttl = std::time::Duration::from_secs(3600);
+        let first = Arc::new(sigil::x509::Authority::self_signed(&td, ttl).unwrap());
+        let second = Arc::new(sigil::x509::Authority::self_signed(&td, ttl).unwrap());
+        let ca = Arc::new(Ca::new(published(&[&first], 1), ttl));
+        let (_stop, shutdown) = crate::shutdown::channel();
+        let services = Arc::new(Services {
+            ca: Arc::clone(&ca),
+            store: Arc::clone(&store),
+            registry: Arc::new(
+                crate::registry::Registry::load(td.clone(), Arc::clone(&store))
+                    .await
+                    .unwrap(),
+            ),
+            tokens: Arc::new(crate::tokens::JoinTokens::new(td, Arc::clone(&store))),
+            default_x509_svid_ttl: ttl,
+            agent_svid_ttl: ttl,
+            shutdown,
+        });
+        let agent: SpiffeId = "spiffe://example.org/agent".parse().unwrap();
+        let mut sync = stream(services, agent, Revisions::new());
+
+        let initial = sync.next().await.unwrap().unwrap();
+        assert_eq!(initial.bundle.unwrap().x509_authorities.len(), 1);
+
+        // A new authority published: the bundle is pushed, with no entries.
+        ca.publish(published(&[&first, &second], 2));
+        let update = sync.next().await.unwrap().unwrap();
+        let bundle = update.bundle.unwrap();
+        assert_eq!(bundle.sequence, 2);
+        assert_eq!(
+            bundle.x509_authorities,
+            [first.cert().to_vec(), second.cert().to_vec()]
+        );
+        assert!(update.upserted.is_empty() && update.deleted.is_empty());
+
+        // Another signing authority with the same bundle sends nothing; the
+        // next message is the next bundle.
+        let mut same = published(&[&first, &second], 2);
+        same.active = Arc::clone(&second);
+        ca.publish(same);
+        ca.publish(published(&[&second], 3));
+        let update = sync.next().await.unwrap().unwrap();
+        let bundle = update.bundle.unwrap();
+        assert_eq!(bundle.sequence, 3);
+        assert_eq!(bundle.x509_authorities, [second.cert().to_vec()]);
     }
 
     #[test]

@@ -1,16 +1,23 @@
-//! The trust domain's certificate authority: its persistence in the data
-//! directory, the bundle it forms, and the server's own TLS SVID.
+//! The trust domain's X.509 signing authorities: the journal of their
+//! lives (kept in the store), their keys and certificates in the data
+//! directory, the schedule that rotates them, the bundle they form, and the
+//! server's own TLS SVID.
 //!
-//! Files: `<data_dir>/ca/cert.pem` (the CA certificate) and
-//! `<data_dir>/ca/key.pem` (its key, mode 0600). A missing or expired CA is
-//! replaced by a new self-signed one at startup.
+//! Files: `<data_dir>/ca/<id>.cert.pem` (an authority's certificate) and
+//! `<data_dir>/ca/<id>.key.pem` (its key, mode 0600), one pair per authority
+//! in the journal, where `<id>` is the hex subject key identifier. A CA kept
+//! by earlier versions in `cert.pem`/`key.pem` is taken into the journal as
+//! the active authority.
 
+pub(crate) mod journal;
+pub(crate) mod rotation;
 pub(crate) mod server_svid;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use arc_swap::ArcSwap;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use sigil::TrustDomain;
@@ -18,11 +25,12 @@ use sigil::bundle::X509Bundle;
 use sigil::keys::{PrivateKey, write_public_file, write_secret_file};
 use sigil::proto::sigil::types::v1 as pb;
 use sigil::x509::{Authority, IssueError};
+use tokio::sync::watch;
 use x509_parser::prelude::FromDer;
 
-use crate::clock;
+use crate::store::StoreError;
 
-/// Why the CA could not be loaded or created.
+/// Why the CA could not be loaded, created or rotated.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum CaError {
     /// Reading or writing a file failed.
@@ -41,94 +49,180 @@ pub(crate) enum CaError {
         /// What is wrong.
         reason: String,
     },
-    /// The CA could not be created.
-    #[error("creating the CA: {0}")]
+    /// An authority could not be created.
+    #[error("creating an authority: {0}")]
     Issue(#[from] IssueError),
+    /// The journal could not be read or written.
+    #[error("authority journal: {0}")]
+    Store(#[from] StoreError),
+    /// The journal has no usable signing authority.
+    #[error("authority journal: no active authority")]
+    NoActive,
 }
 
-/// The active CA and the bundle it forms.
+/// What the services currently use: the signing authority and the bundle.
+#[derive(Debug)]
+pub(crate) struct Published {
+    /// The signing authority's ID.
+    pub(crate) active_id: String,
+    /// The signing authority.
+    pub(crate) active: Arc<Authority>,
+    /// Every authority not yet retired.
+    pub(crate) bundle: X509Bundle,
+    /// The bundle's sequence number.
+    pub(crate) sequence: u64,
+}
+
+/// The signing authority and the bundle, as the services read them; the
+/// rotation replaces them and notifies subscribers.
 #[derive(Debug)]
 pub(crate) struct Ca {
-    authority: Arc<Authority>,
-    bundle: X509Bundle,
-    sequence: u64,
+    current: ArcSwap<Published>,
+    changes: watch::Sender<()>,
+    max_svid_ttl: Duration,
 }
 
 impl Ca {
-    /// Loads the CA from `dir`, or creates (and stores) a new one valid for
-    /// `ttl` when there is none or the stored one has expired.
-    pub(crate) fn load_or_create(
-        dir: &Path,
-        td: &TrustDomain,
-        ttl: Duration,
-    ) -> Result<Self, CaError> {
-        create_private_dir(dir)?;
-        let cert_path = dir.join("cert.pem");
-        let key_path = dir.join("key.pem");
-
-        let authority = if cert_path.exists() || key_path.exists() {
-            let authority = load(&cert_path, &key_path, td)?;
-            if authority.not_after() <= SystemTime::now() {
-                tracing::warn!(
-                    expired_at = %clock::rfc3339(clock::to_unix(authority.not_after())),
-                    "the stored CA has expired; creating a new one (agents must attest again)"
-                );
-                create(&cert_path, &key_path, td, ttl)?
-            } else {
-                tracing::info!(
-                    expires_at = %clock::rfc3339(clock::to_unix(authority.not_after())),
-                    "loaded the CA"
-                );
-                authority
-            }
-        } else {
-            let authority = create(&cert_path, &key_path, td, ttl)?;
-            tracing::info!(
-                expires_at = %clock::rfc3339(clock::to_unix(authority.not_after())),
-                "created a new CA"
-            );
-            authority
-        };
-        Ok(Self::new(authority))
-    }
-
-    /// Wraps an authority.
-    pub(crate) fn new(authority: Authority) -> Self {
-        let bundle = X509Bundle::new(
-            authority.trust_domain().clone(),
-            vec![authority.cert().clone()],
-        );
-        // A new CA has a later notBefore than any before it, so the bundle's
-        // sequence grows whenever the CA is replaced.
-        let sequence = not_before(authority.cert()).unwrap_or(1);
+    /// Starts with `published`; SVIDs it signs live at most `max_svid_ttl`.
+    pub(crate) fn new(published: Published, max_svid_ttl: Duration) -> Self {
         Self {
-            authority: Arc::new(authority),
-            bundle,
-            sequence,
+            current: ArcSwap::from_pointee(published),
+            changes: watch::channel(()).0,
+            max_svid_ttl,
         }
     }
 
-    /// The signing authority.
-    pub(crate) fn authority(&self) -> &Arc<Authority> {
-        &self.authority
+    /// Replaces the authority and bundle and notifies subscribers.
+    pub(crate) fn publish(&self, published: Published) {
+        self.current.store(Arc::new(published));
+        self.changes.send_replace(());
     }
 
-    /// The trust bundle.
-    pub(crate) fn bundle(&self) -> &X509Bundle {
-        &self.bundle
+    /// Changes each time [`Ca::publish`] is called.
+    pub(crate) fn subscribe(&self) -> watch::Receiver<()> {
+        self.changes.subscribe()
+    }
+
+    /// The current authority and bundle.
+    pub(crate) fn current(&self) -> Arc<Published> {
+        self.current.load_full()
+    }
+
+    /// The signing authority.
+    pub(crate) fn authority(&self) -> Arc<Authority> {
+        Arc::clone(&self.current.load().active)
+    }
+
+    /// The longest lifetime of an SVID: a sixth of the authorities' life.
+    pub(crate) fn max_svid_ttl(&self) -> Duration {
+        self.max_svid_ttl
     }
 
     /// The bundle in wire form.
     pub(crate) fn bundle_proto(&self) -> pb::Bundle {
+        let current = self.current.load();
         pb::Bundle {
-            trust_domain: self.bundle.trust_domain().to_string(),
-            x509_authorities: self
+            trust_domain: current.bundle.trust_domain().to_string(),
+            x509_authorities: current
                 .bundle
                 .authorities()
                 .iter()
                 .map(|c| c.to_vec())
                 .collect(),
-            sequence: self.sequence,
+            sequence: current.sequence,
+        }
+    }
+}
+
+/// Creates a self-signed authority valid from `now` for `ttl`.
+pub(crate) fn new_authority(
+    td: &TrustDomain,
+    now: SystemTime,
+    ttl: Duration,
+) -> Result<Authority, IssueError> {
+    let key = PrivateKey::generate_p256()?;
+    let pair = key.key_pair()?;
+    let params = sigil::x509::ca_params(td, now - sigil::x509::BACKDATE, now + ttl);
+    let cert = params.self_signed(&pair)?;
+    Authority::from_parts(td.clone(), cert.der().clone(), key)
+}
+
+/// The authority's ID: the hex of its subject key identifier (of the
+/// SHA-256 of its public key when it has none).
+pub(crate) fn authority_id(cert: &[u8]) -> Option<String> {
+    let (_, parsed) = x509_parser::certificate::X509Certificate::from_der(cert).ok()?;
+    let ski = parsed
+        .extensions()
+        .iter()
+        .find_map(|ext| match ext.parsed_extension() {
+            x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(id) => {
+                Some(id.0.to_vec())
+            }
+            _ => None,
+        });
+    let bytes = ski.unwrap_or_else(|| {
+        ring::digest::digest(&ring::digest::SHA256, parsed.public_key().raw)
+            .as_ref()
+            .to_vec()
+    });
+    Some(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The certificate and key files of authority `id`.
+fn paths(dir: &Path, id: &str) -> (PathBuf, PathBuf) {
+    (
+        dir.join(format!("{id}.cert.pem")),
+        dir.join(format!("{id}.key.pem")),
+    )
+}
+
+/// Writes authority `id`'s key (0600) and certificate.
+pub(crate) fn save(dir: &Path, id: &str, authority: &Authority) -> Result<(), CaError> {
+    let (cert_path, key_path) = paths(dir, id);
+    write_files(&cert_path, &key_path, authority)
+}
+
+/// Reads authority `id`.
+pub(crate) fn load_saved(dir: &Path, id: &str, td: &TrustDomain) -> Result<Authority, CaError> {
+    let (cert_path, key_path) = paths(dir, id);
+    load(&cert_path, &key_path, td)
+}
+
+/// Removes authority `id`'s files.
+pub(crate) fn remove_saved(dir: &Path, id: &str) -> Result<(), CaError> {
+    let (cert_path, key_path) = paths(dir, id);
+    for path in [key_path, cert_path] {
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(CaError::Io { path, source }),
+        }
+    }
+    Ok(())
+}
+
+/// The CA kept by earlier versions in `cert.pem` and `key.pem`, if any, with
+/// its notBefore in seconds since the Unix epoch.
+pub(crate) fn load_legacy(
+    dir: &Path,
+    td: &TrustDomain,
+) -> Result<Option<(Authority, u64)>, CaError> {
+    let cert_path = dir.join("cert.pem");
+    let key_path = dir.join("key.pem");
+    if !cert_path.exists() && !key_path.exists() {
+        return Ok(None);
+    }
+    let authority = load(&cert_path, &key_path, td)?;
+    let not_before = not_before(authority.cert()).unwrap_or(1);
+    Ok(Some((authority, not_before)))
+}
+
+/// Removes the files of [`load_legacy`].
+pub(crate) fn remove_legacy(dir: &Path) {
+    for name in ["key.pem", "cert.pem"] {
+        let path = dir.join(name);
+        if let Err(e) = std::fs::remove_file(&path) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove an old CA file");
         }
     }
 }
@@ -168,13 +262,7 @@ fn load(cert_path: &Path, key_path: &Path, td: &TrustDomain) -> Result<Authority
     Authority::from_parts(td.clone(), cert.into_owned(), key).map_err(CaError::Issue)
 }
 
-fn create(
-    cert_path: &Path,
-    key_path: &Path,
-    td: &TrustDomain,
-    ttl: Duration,
-) -> Result<Authority, CaError> {
-    let authority = Authority::self_signed(td, ttl)?;
+fn write_files(cert_path: &Path, key_path: &Path, authority: &Authority) -> Result<(), CaError> {
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| CaError::Io { path, source }
@@ -182,7 +270,7 @@ fn create(
     write_secret_file(key_path, authority.key().to_pem().as_bytes()).map_err(io(key_path))?;
     let pem = sigil::bundle::cert_to_pem(authority.cert());
     write_public_file(cert_path, pem.as_bytes()).map_err(io(cert_path))?;
-    Ok(authority)
+    Ok(())
 }
 
 fn read(path: &Path) -> Result<String, CaError> {
@@ -226,51 +314,39 @@ mod tests {
     }
 
     #[test]
-    fn the_ca_is_created_once_and_reloaded() {
+    fn an_authority_is_saved_privately_and_reloaded() {
         let dir = tempfile::tempdir().unwrap();
         let ca_dir = dir.path().join("ca");
-        let ttl = Duration::from_secs(3600);
-        let first = Ca::load_or_create(&ca_dir, &td(), ttl).unwrap();
-        let mode = std::fs::metadata(ca_dir.join("key.pem"))
-            .unwrap()
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o600);
-        let mode = std::fs::metadata(&ca_dir).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o700);
+        create_private_dir(&ca_dir).unwrap();
+        let authority = new_authority(&td(), SystemTime::now(), Duration::from_secs(3600)).unwrap();
+        sigil::x509::check_ca(authority.cert()).unwrap();
+        let id = authority_id(authority.cert()).unwrap();
+        assert_eq!(id.len(), 40, "a SHA-1 subject key identifier in hex: {id}");
+        save(&ca_dir, &id, &authority).unwrap();
 
-        let second = Ca::load_or_create(&ca_dir, &td(), ttl).unwrap();
-        assert_eq!(second.authority().cert(), first.authority().cert());
-        assert_eq!(
-            second.bundle_proto().sequence,
-            first.bundle_proto().sequence
-        );
-        sigil::x509::check_ca(first.authority().cert()).unwrap();
-        assert_eq!(first.bundle_proto().x509_authorities.len(), 1);
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&ca_dir.join(format!("{id}.key.pem"))), 0o600);
+        assert_eq!(mode(&ca_dir), 0o700);
+        let loaded = load_saved(&ca_dir, &id, &td()).unwrap();
+        assert_eq!(loaded.cert(), authority.cert());
+        assert!(!format!("{loaded:?}").contains("PRIVATE KEY"));
+
+        remove_saved(&ca_dir, &id).unwrap();
+        assert!(!ca_dir.join(format!("{id}.key.pem")).exists());
+        assert!(!ca_dir.join(format!("{id}.cert.pem")).exists());
     }
 
     #[test]
-    fn a_ca_of_another_trust_domain_is_refused() {
+    fn an_authority_of_another_trust_domain_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let ca_dir = dir.path().join("ca");
-        Ca::load_or_create(&ca_dir, &td(), Duration::from_secs(3600)).unwrap();
+        let authority = new_authority(&td(), SystemTime::now(), Duration::from_secs(3600)).unwrap();
+        save(dir.path(), "a", &authority).unwrap();
         let other = TrustDomain::new("other.org").unwrap();
-        let err = Ca::load_or_create(&ca_dir, &other, Duration::from_secs(3600)).unwrap_err();
+        let err = load_saved(dir.path(), "a", &other).unwrap_err();
         assert!(
             err.to_string()
                 .contains("the CA is for trust domain example.org, not other.org"),
             "{err}"
         );
-    }
-
-    #[test]
-    fn an_expired_ca_is_replaced() {
-        let dir = tempfile::tempdir().unwrap();
-        let ca_dir = dir.path().join("ca");
-        // notBefore is back-dated 10 s, so a zero lifetime is already over.
-        let old = Ca::load_or_create(&ca_dir, &td(), Duration::ZERO).unwrap();
-        let new = Ca::load_or_create(&ca_dir, &td(), Duration::from_secs(3600)).unwrap();
-        assert_ne!(new.authority().cert(), old.authority().cert());
-        assert!(new.authority().not_after() > SystemTime::now());
     }
 }

@@ -2,7 +2,10 @@
 
 use std::fmt::Write;
 
+use sigil::proto::sigil::admin::v1::EntryResult;
 use sigil::proto::sigil::types::v1 as pb;
+
+use crate::clock;
 
 /// One entry as a text block (no trailing blank line).
 pub(crate) fn entry_text(e: &pb::Entry) -> String {
@@ -20,11 +23,28 @@ pub(crate) fn entry_text(e: &pb::Entry) -> String {
     } else {
         line("X509-SVID TTL", &e.x509_svid_ttl);
     }
+    if e.jwt_svid_ttl == 0 {
+        line("JWT-SVID TTL", &"default");
+    } else {
+        line("JWT-SVID TTL", &e.jwt_svid_ttl);
+    }
+    if e.expires_at != 0 {
+        line("Entry expiry", &clock::rfc3339(e.expires_at));
+    }
     for s in &e.selectors {
         line("Selector", &format!("{}:{}", s.r#type, s.value));
     }
     for name in &e.dns_names {
         line("DNS name", name);
+    }
+    for td in &e.federates_with {
+        line("Federates with", td);
+    }
+    if e.admin {
+        line("Admin", &true);
+    }
+    if e.downstream {
+        line("Downstream", &true);
     }
     if !e.hint.is_empty() {
         line("Hint", &e.hint);
@@ -66,6 +86,11 @@ pub(crate) fn entry_json(e: &pb::Entry) -> serde_json::Value {
         "hint": e.hint,
         "revision": e.revision,
         "created_at": e.created_at,
+        "jwt_svid_ttl": e.jwt_svid_ttl,
+        "federates_with": e.federates_with,
+        "admin": e.admin,
+        "downstream": e.downstream,
+        "expires_at": e.expires_at,
     })
 }
 
@@ -73,6 +98,47 @@ pub(crate) fn entry_json(e: &pb::Entry) -> serde_json::Value {
 pub(crate) fn entries_json(entries: &[pb::Entry]) -> String {
     let values: Vec<serde_json::Value> = entries.iter().map(entry_json).collect();
     serde_json::to_string_pretty(&values).unwrap_or_else(|_| "[]".into())
+}
+
+/// One status line per item of a batch: `entries[0]: created entry ID
+/// (SPIFFE ID)` on success, `error: MESSAGE` on failure (the server's
+/// message names the item and field).
+pub(crate) fn results_text(results: &[EntryResult], item: &str, action: &str) -> String {
+    let mut out = String::new();
+    for (i, result) in results.iter().enumerate() {
+        // Writing to a String cannot fail.
+        let _ = match (&result.status, &result.entry) {
+            (Some(status), _) if status.code != 0 => writeln!(out, "error: {}", status.message),
+            (_, Some(e)) => writeln!(
+                out,
+                "{item}[{i}]: {action} entry {} ({})",
+                e.id, e.spiffe_id
+            ),
+            (_, None) => writeln!(out, "{item}[{i}]: {action}"),
+        };
+    }
+    out
+}
+
+/// The items of a batch as JSON: `{"results": [{"code", "message",
+/// "entry"}]}`, `entry` being null on failure.
+pub(crate) fn results_json(results: &[EntryResult]) -> String {
+    let results: Vec<serde_json::Value> = results
+        .iter()
+        .map(|r| {
+            let (code, message) = r
+                .status
+                .as_ref()
+                .map_or((0, ""), |s| (s.code, s.message.as_str()));
+            serde_json::json!({
+                "code": code,
+                "message": message,
+                "entry": r.entry.as_ref().map(entry_json),
+            })
+        })
+        .collect();
+    serde_json::to_string_pretty(&serde_json::json!({ "results": results }))
+        .unwrap_or_else(|_| "{}".into())
 }
 
 #[cfg(test)]
@@ -93,6 +159,11 @@ mod tests {
             hint: "internal".into(),
             revision: 3,
             created_at: 1_700_000_000,
+            jwt_svid_ttl: 300,
+            federates_with: vec!["partner.org".into()],
+            admin: true,
+            downstream: false,
+            expires_at: 1_893_456_000,
         }
     }
 
@@ -105,18 +176,35 @@ mod tests {
              Parent ID        : spiffe://example.org/agent\n\
              Revision         : 3\n\
              X509-SVID TTL    : 3600\n\
+             JWT-SVID TTL     : 300\n\
+             Entry expiry     : 2030-01-01T00:00:00Z\n\
              Selector         : unix:uid:1000\n\
              DNS name         : web.example.org\n\
+             Federates with   : partner.org\n\
+             Admin            : true\n\
              Hint             : internal\n"
         );
         let mut bare = entry();
         bare.x509_svid_ttl = 0;
+        bare.jwt_svid_ttl = 0;
+        bare.expires_at = 0;
         bare.dns_names.clear();
+        bare.federates_with.clear();
+        bare.admin = false;
         bare.hint.clear();
         let text = entry_text(&bare);
         assert!(text.contains("X509-SVID TTL    : default\n"));
-        assert!(!text.contains("DNS name"));
-        assert!(!text.contains("Hint"));
+        assert!(text.contains("JWT-SVID TTL     : default\n"));
+        for absent in [
+            "DNS name",
+            "Hint",
+            "Entry expiry",
+            "Federates",
+            "Admin",
+            "Downstream",
+        ] {
+            assert!(!text.contains(absent), "{absent}");
+        }
         assert_eq!(
             entries_text(&[entry(), bare])
                 .matches("\n\nEntry ID")
@@ -140,9 +228,51 @@ mod tests {
                 "hint": "internal",
                 "revision": 3,
                 "created_at": 1_700_000_000,
+                "jwt_svid_ttl": 300,
+                "federates_with": ["partner.org"],
+                "admin": true,
+                "downstream": false,
+                "expires_at": 1_893_456_000,
             }])
         );
         assert_eq!(entries_json(&[]), "[]");
+    }
+
+    fn results() -> Vec<EntryResult> {
+        vec![
+            EntryResult {
+                status: Some(pb::ItemStatus {
+                    code: 0,
+                    message: String::new(),
+                }),
+                entry: Some(entry()),
+            },
+            EntryResult {
+                status: Some(pb::ItemStatus {
+                    code: tonic::Code::InvalidArgument as i32,
+                    message: "entries[1].parent_id: is required".into(),
+                }),
+                entry: None,
+            },
+        ]
+    }
+
+    #[test]
+    fn batch_results_have_one_line_per_item() {
+        assert_eq!(
+            results_text(&results(), "entries", "created"),
+            "entries[0]: created entry 6b0a (spiffe://example.org/web)\n\
+             error: entries[1].parent_id: is required\n"
+        );
+        let v: serde_json::Value = serde_json::from_str(&results_json(&results())).unwrap();
+        assert_eq!(v["results"][0]["code"], 0);
+        assert_eq!(v["results"][0]["entry"]["id"], "6b0a");
+        assert_eq!(v["results"][1]["code"], 3);
+        assert_eq!(
+            v["results"][1]["message"],
+            "entries[1].parent_id: is required"
+        );
+        assert!(v["results"][1]["entry"].is_null());
     }
 
     #[test]

@@ -3,7 +3,7 @@ use std::sync::Arc;
 use sigil::proto::sigil::types::v1 as pb;
 use sigil::{SpiffeId, TrustDomain};
 
-use super::{ListQuery, Registry, RegistryError};
+use super::{ListQuery, Registry, RegistryError, SelectorMatch};
 use crate::store::SledStore;
 
 const AGENT: &str = "spiffe://example.org/sigil/agent/join_token/a1";
@@ -254,4 +254,262 @@ async fn list_pages_in_id_order_with_filters() {
     let mut sorted = seen.clone();
     sorted.sort();
     assert_eq!(seen, sorted);
+}
+
+fn with_selectors(spiffe_id: &str, selectors: &[&str]) -> pb::Entry {
+    pb::Entry {
+        spiffe_id: spiffe_id.into(),
+        parent_id: AGENT.into(),
+        selectors: selectors
+            .iter()
+            .map(|s| {
+                let (kind, value) = s.split_once(':').unwrap();
+                pb::Selector {
+                    r#type: kind.into(),
+                    value: value.into(),
+                }
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn selectors(list: &[&str]) -> sigil::Selectors {
+    list.iter().map(|s| s.parse().unwrap()).collect()
+}
+
+#[tokio::test]
+async fn a_given_id_is_kept_and_creating_it_again_is_refused() {
+    let f = fixture().await;
+    let r = &f.registry;
+    let mut item = wire("spiffe://example.org/web", AGENT, "1");
+    item.id = "web-1".into();
+    let created = create(r, item.clone()).await;
+    assert_eq!(created.id, "web-1");
+    assert_eq!(r.get("web-1").unwrap(), created);
+
+    // The same content again, and other content under the same ID.
+    let mut other = wire("spiffe://example.org/other", AGENT, "2");
+    other.id = "web-1".into();
+    for again in [item, other] {
+        let err = r.create(&[again]).await.remove(0).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::AlreadyExists);
+        assert_eq!(
+            err.item_message("entries[0]", Some("id")),
+            "entries[0].id: entry \"web-1\" already exists"
+        );
+    }
+    assert_eq!(r.len(), 1);
+
+    let mut bad = wire("spiffe://example.org/bad", AGENT, "3");
+    bad.id = "no spaces".into();
+    let err = r.create(&[bad]).await.remove(0).unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert_eq!(
+        err.item_message("entries[0]", Some("id")),
+        "entries[0].id: only ASCII letters, digits, `-`, `_` and `.` are allowed"
+    );
+}
+
+#[tokio::test]
+async fn the_new_fields_are_stored_and_survive_a_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    let td = TrustDomain::new("example.org").unwrap();
+    let mut item = wire("spiffe://example.org/web", AGENT, "1");
+    item.jwt_svid_ttl = 120;
+    item.federates_with = vec!["partner.org".into()];
+    item.admin = true;
+    item.downstream = true;
+    item.expires_at = 4_000_000_000;
+    let created = {
+        let store = Arc::new(SledStore::open(&path).unwrap());
+        let r = Registry::load(td.clone(), store).await.unwrap();
+        create(&r, item).await
+    };
+    let store = Arc::new(SledStore::open(&path).unwrap());
+    let r = Registry::load(td, store).await.unwrap();
+    let loaded = r.get(&created.id).unwrap();
+    assert_eq!(loaded, created);
+    let wire = loaded.to_proto();
+    assert_eq!(wire.jwt_svid_ttl, 120);
+    assert_eq!(wire.federates_with, ["partner.org"]);
+    assert!(wire.admin && wire.downstream);
+    assert_eq!(wire.expires_at, 4_000_000_000);
+}
+
+#[tokio::test]
+async fn selector_filters_follow_the_match_mode() {
+    let f = fixture().await;
+    let r = &f.registry;
+    for (path, sel) in [
+        ("/a", &["unix:uid:1"][..]),
+        ("/ab", &["unix:uid:1", "unix:gid:2"]),
+        ("/abc", &["unix:uid:1", "unix:gid:2", "unix:user:c"]),
+        ("/c", &["unix:user:c"]),
+    ] {
+        create(
+            r,
+            with_selectors(&format!("spiffe://example.org{path}"), sel),
+        )
+        .await;
+    }
+
+    let given = selectors(&["unix:uid:1", "unix:gid:2"]);
+    let matching = |mode| {
+        let query = ListQuery {
+            selectors: Some((&given, mode)),
+            limit: 100,
+            ..Default::default()
+        };
+        let (page, _) = r.list(&query);
+        assert_eq!(r.count(&query), page.len());
+        let mut paths: Vec<String> = page.iter().map(|e| e.spiffe_id.path().to_owned()).collect();
+        paths.sort();
+        paths
+    };
+    assert_eq!(matching(SelectorMatch::Exact), ["/ab"]);
+    assert_eq!(matching(SelectorMatch::Subset), ["/a", "/ab"]);
+    assert_eq!(matching(SelectorMatch::Superset), ["/ab", "/abc"]);
+    assert_eq!(matching(SelectorMatch::Any), ["/a", "/ab", "/abc"]);
+}
+
+#[tokio::test]
+async fn id_hint_and_federation_filters_combine() {
+    let f = fixture().await;
+    let r = &f.registry;
+    let mut a = wire("spiffe://example.org/a", AGENT, "1");
+    a.hint = "blue".into();
+    a.federates_with = vec!["one.org".into(), "two.org".into()];
+    let a = create(r, a).await;
+    let mut b = wire("spiffe://example.org/b", AGENT, "2");
+    b.hint = "blue".into();
+    b.federates_with = vec!["one.org".into()];
+    create(r, b).await;
+    create(r, wire("spiffe://example.org/c", AGENT, "3")).await;
+
+    let one = TrustDomain::new("one.org").unwrap();
+    let two = TrustDomain::new("two.org").unwrap();
+    let count = |query: ListQuery<'_>| r.count(&query);
+    assert_eq!(count(ListQuery::default()), 3);
+    assert_eq!(
+        count(ListQuery {
+            hint: Some("blue"),
+            ..Default::default()
+        }),
+        2
+    );
+    assert_eq!(
+        count(ListQuery {
+            federates_with: std::slice::from_ref(&one),
+            ..Default::default()
+        }),
+        2
+    );
+    let both = [one, two];
+    assert_eq!(
+        count(ListQuery {
+            federates_with: &both,
+            ..Default::default()
+        }),
+        1
+    );
+    assert_eq!(
+        count(ListQuery {
+            id: Some(&a.id),
+            hint: Some("blue"),
+            ..Default::default()
+        }),
+        1
+    );
+    assert_eq!(
+        count(ListQuery {
+            id: Some(&a.id),
+            hint: Some("red"),
+            ..Default::default()
+        }),
+        0
+    );
+}
+
+#[tokio::test]
+async fn expired_entries_and_those_below_them_are_not_entitled() {
+    let f = fixture().await;
+    let r = &f.registry;
+    let mut node = wire("spiffe://example.org/node", AGENT, "0");
+    node.expires_at = 1;
+    create(r, node).await;
+    create(
+        r,
+        wire("spiffe://example.org/web", "spiffe://example.org/node", "1"),
+    )
+    .await;
+    let mut future = wire("spiffe://example.org/later", AGENT, "2");
+    future.expires_at = 4_000_000_000;
+    create(r, future).await;
+
+    assert_eq!(
+        spiffe_ids(&r.entitled(&id(AGENT))),
+        ["spiffe://example.org/later"]
+    );
+}
+
+#[tokio::test]
+async fn pruning_deletes_expired_entries_like_a_delete() {
+    let f = fixture().await;
+    let r = &f.registry;
+    let mut old = wire("spiffe://example.org/old", AGENT, "0");
+    old.expires_at = 100;
+    let old = create(r, old).await;
+    let kept = create(r, wire("spiffe://example.org/kept", AGENT, "1")).await;
+    let mut changes = r.subscribe();
+    changes.borrow_and_update();
+
+    assert!(r.prune_expired(99).await.is_empty());
+    assert!(!changes.has_changed().unwrap());
+
+    let pruned = r.prune_expired(100).await;
+    assert_eq!(pruned.len(), 1);
+    assert_eq!(pruned[0].as_ref().unwrap().id, old.id);
+    assert!(changes.has_changed().unwrap());
+    assert!(r.get(&old.id).is_none());
+    assert!(r.get(&kept.id).is_some());
+    assert_eq!(r.next_expiry(), None);
+}
+
+#[tokio::test]
+async fn an_entry_stored_before_the_newer_fields_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store");
+    {
+        // The record as the first release wrote it.
+        let db = sled::open(&path).unwrap();
+        let entries = db.open_tree("entries").unwrap();
+        let old = serde_json::json!({
+            "id": "old-1",
+            "spiffe_id": "spiffe://example.org/web",
+            "parent_id": AGENT,
+            "selectors": ["unix:uid:1"],
+            "x509_svid_ttl": null,
+            "dns_names": [],
+            "hint": "",
+            "revision": 4,
+            "created_at": 1_700_000_000,
+        });
+        entries
+            .insert("old-1", serde_json::to_vec(&old).unwrap())
+            .unwrap();
+        db.flush().unwrap();
+    }
+    let store = Arc::new(SledStore::open(&path).unwrap());
+    let r = Registry::load(TrustDomain::new("example.org").unwrap(), store)
+        .await
+        .unwrap();
+    let entry = r.get("old-1").unwrap();
+    assert_eq!(entry.revision, 4);
+    assert_eq!(entry.jwt_svid_ttl, None);
+    assert!(entry.federates_with.is_empty());
+    assert!(!entry.admin && !entry.downstream);
+    assert_eq!(entry.expires_at, None);
+    assert_eq!(r.entitled(&id(AGENT)).len(), 1);
 }

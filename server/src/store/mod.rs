@@ -103,6 +103,13 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug {
     /// One agent.
     async fn get_agent(&self, id: &SpiffeId) -> Result<Option<AgentRecord>, StoreError>;
 
+    /// The journal of the X.509 signing authorities, if one was stored.
+    async fn get_ca_journal(&self) -> Result<Option<crate::ca::journal::Journal>, StoreError>;
+
+    /// Replaces the journal of the X.509 signing authorities.
+    async fn put_ca_journal(&self, journal: &crate::ca::journal::Journal)
+    -> Result<(), StoreError>;
+
     /// Makes every write so far durable.
     async fn flush(&self) -> Result<(), StoreError>;
 }

@@ -2,7 +2,7 @@
 //!
 //! Trees: `entries` (entry ID → JSON entry), `join_tokens` (SHA-256 of the
 //! token → JSON record), `agents` (SPIFFE ID → JSON record) and `meta` (the
-//! revision counter, a big-endian u64).
+//! revision counter, a big-endian u64, and the authority journal, JSON).
 
 use std::path::Path;
 
@@ -13,6 +13,8 @@ use sigil::{Entry, SpiffeId};
 use super::{AgentRecord, JoinTokenRecord, Store, StoreError};
 
 const REVISION_KEY: &[u8] = b"entry_revision";
+/// Key of the authority journal (JSON) in `meta`.
+const CA_JOURNAL_KEY: &[u8] = b"ca_journal";
 
 /// A sled database holding the server's state.
 #[derive(Debug, Clone)]
@@ -148,6 +150,24 @@ impl Store for SledStore {
             .map_err(backend)?
             .map(|v| decode(key, &v))
             .transpose()
+    }
+
+    async fn get_ca_journal(&self) -> Result<Option<crate::ca::journal::Journal>, StoreError> {
+        self.meta
+            .get(CA_JOURNAL_KEY)
+            .map_err(backend)?
+            .map(|v| decode(CA_JOURNAL_KEY, &v))
+            .transpose()
+    }
+
+    async fn put_ca_journal(
+        &self,
+        journal: &crate::ca::journal::Journal,
+    ) -> Result<(), StoreError> {
+        self.meta
+            .insert(CA_JOURNAL_KEY, encode(journal)?)
+            .map_err(backend)?;
+        Ok(())
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
