@@ -23,6 +23,9 @@ pub enum BundleError {
     /// A PEM block or DER certificate is malformed.
     #[error("malformed certificate: {0}")]
     Malformed(String),
+    /// A SPIFFE bundle document is not a JWK Set of x509-svid keys.
+    #[error("malformed bundle document: {0}")]
+    Document(String),
     /// A CA's key type cannot be written as a JWK.
     #[error("unsupported public key type for a JWK")]
     UnsupportedKey,
@@ -58,6 +61,48 @@ impl X509Bundle {
             parse(der)?;
         }
         Ok(Self::new(trust_domain, authorities))
+    }
+
+    /// Reads a SPIFFE bundle document (a JWK Set): the `x5c` certificate of
+    /// every `x509-svid` key; keys for other uses (`jwt-svid`) are skipped.
+    /// Returns the bundle and its `spiffe_sequence`, if any.
+    pub fn from_spiffe_json(
+        trust_domain: TrustDomain,
+        json: &[u8],
+    ) -> Result<(Self, Option<u64>), BundleError> {
+        let doc: serde_json::Value = serde_json::from_slice(json)
+            .map_err(|e| BundleError::Document(format!("not JSON: {e}")))?;
+        let keys = doc
+            .get("keys")
+            .and_then(serde_json::Value::as_array)
+            .ok_or_else(|| BundleError::Document("no `keys` array".into()))?;
+        let mut authorities = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            if key.get("use").and_then(serde_json::Value::as_str) != Some("x509-svid") {
+                continue;
+            }
+            let x5c = match key.get("x5c").and_then(serde_json::Value::as_array) {
+                Some(x5c) if x5c.len() == 1 => &x5c[0],
+                _ => {
+                    return Err(BundleError::Document(format!(
+                        "keys[{i}]: an x509-svid key needs exactly one x5c certificate"
+                    )));
+                }
+            };
+            let der = x5c
+                .as_str()
+                .and_then(|b64| STANDARD.decode(b64).ok())
+                .ok_or_else(|| BundleError::Document(format!("keys[{i}].x5c[0]: not base64")))?;
+            parse(&der).map_err(|e| BundleError::Malformed(format!("keys[{i}].x5c[0]: {e}")))?;
+            authorities.push(CertificateDer::from(der));
+        }
+        if authorities.is_empty() {
+            return Err(BundleError::Empty);
+        }
+        let sequence = doc
+            .get("spiffe_sequence")
+            .and_then(serde_json::Value::as_u64);
+        Ok((Self::new(trust_domain, authorities), sequence))
     }
 
     /// The trust domain.
@@ -220,6 +265,47 @@ mod tests {
             X509Bundle::from_pem(td(), bad.as_bytes()),
             Err(BundleError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn spiffe_json_round_trips_and_skips_jwt_keys() {
+        let a = Authority::self_signed(&td(), Duration::from_secs(3600)).unwrap();
+        let b = Authority::self_signed(&td(), Duration::from_secs(3600)).unwrap();
+        let bundle = X509Bundle::new(td(), vec![a.cert().clone(), b.cert().clone()]);
+        let mut doc: serde_json::Value =
+            serde_json::from_str(&bundle.to_spiffe_json(3, 300).unwrap()).unwrap();
+        doc["keys"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({"use": "jwt-svid", "kty": "EC", "kid": "k"}));
+        let json = serde_json::to_vec(&doc).unwrap();
+        let (back, sequence) = X509Bundle::from_spiffe_json(td(), &json).unwrap();
+        assert_eq!(back, bundle);
+        assert_eq!(sequence, Some(3));
+    }
+
+    #[test]
+    fn bad_spiffe_json_is_refused_with_the_reason() {
+        let cases: [(&str, &str); 4] = [
+            ("[", "malformed bundle document: not JSON: "),
+            ("{}", "malformed bundle document: no `keys` array"),
+            (
+                r#"{"keys": [{"use": "x509-svid", "x5c": []}]}"#,
+                "malformed bundle document: keys[0]: an x509-svid key needs exactly one x5c certificate",
+            ),
+            (
+                r#"{"keys": [{"use": "x509-svid", "x5c": ["AAAA"]}]}"#,
+                "malformed certificate: keys[0].x5c[0]: ",
+            ),
+        ];
+        for (json, prefix) in cases {
+            let err = X509Bundle::from_spiffe_json(td(), json.as_bytes()).unwrap_err();
+            assert!(err.to_string().starts_with(prefix), "{json}: {err}");
+        }
+        assert_eq!(
+            X509Bundle::from_spiffe_json(td(), br#"{"keys": []}"#),
+            Err(BundleError::Empty)
+        );
     }
 
     /// X5-20, X5-21, X5-22, TB-1.

@@ -25,6 +25,10 @@ enum Command {
         #[command(subcommand)]
         command: ApiCommand,
     },
+    /// Exits 0 only when the agent serves the Workload API.
+    Healthcheck(workload::health::HealthcheckArgs),
+    /// Checks the configuration as `run` does, without starting anything.
+    Validate(Box<RunArgs>),
 }
 
 #[derive(Debug, Subcommand)]
@@ -50,6 +54,8 @@ pub(crate) fn main() -> ExitCode {
     let command = match cli.command {
         Command::Run(args) => return run(*args),
         Command::Api { command } => command,
+        Command::Healthcheck(args) => return healthcheck(&args),
+        Command::Validate(args) => return validate(*args),
     };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -70,6 +76,43 @@ pub(crate) fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("Error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `sigil-agent healthcheck`: `Agent is healthy` and 0, or a one-line
+/// error and 1.
+fn healthcheck(args: &workload::health::HealthcheckArgs) -> ExitCode {
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))
+        .and_then(|rt| rt.block_on(workload::health::check(args)));
+    match result {
+        Ok(()) => {
+            println!("Agent is healthy");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `sigil-agent validate`: `Configuration is valid` and 0, or every problem
+/// on its own line and 1.
+fn validate(args: RunArgs) -> ExitCode {
+    match Config::load(args) {
+        Ok(_) => {
+            println!("Configuration is valid");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            for problem in &e.problems {
+                eprintln!("{problem}");
+            }
             ExitCode::FAILURE
         }
     }

@@ -135,6 +135,7 @@ pub(crate) async fn start(config: &Config) -> anyhow::Result<Running> {
         default_x509_svid_ttl,
         agent_svid_ttl,
         shutdown: shutdown.clone(),
+        agents: Default::default(),
     });
 
     let tcp = TcpListener::bind(config.bind_address)

@@ -23,10 +23,12 @@
 
 mod support;
 
+mod agents;
 mod ca_rotation;
 mod interop;
 mod issuance;
 mod mtls;
+mod operations;
 mod quickstart;
 mod refusals;
 mod registration;

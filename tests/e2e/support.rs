@@ -326,6 +326,24 @@ impl Agent {
         }
     }
 
+    /// Waits up to `timeout` for the agent to exit on its own; returns its
+    /// exit status.
+    pub fn wait_for_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("the agent is running");
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("sigil-agent {} did not exit within {timeout:?}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Starts the agent again on the same data directory, without a token.
     pub fn restart(&mut self) {
         self.stop();

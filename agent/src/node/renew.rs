@@ -3,7 +3,7 @@
 //! Each renewal uses a new key. The new SVID is stored, then presented on a
 //! new connection, which every later call uses. Failures are retried with
 //! backoff until the SVID expires; a refusal by the server (the agent was
-//! evicted) is final.
+//! evicted) is final, except a ban, which is retried like a failure.
 //!
 //! Another task that sees the server refuse the agent SVID asks for a
 //! renewal at once (at most every [`FORCED_RENEWAL_INTERVAL`]): either the
@@ -166,7 +166,12 @@ impl Renewer {
             .renew_agent(request)
             .await
             .map_err(|status| {
-                if is_refusal(&status) {
+                if is_banned(&status) {
+                    Failure::Retry(format!(
+                        "{}; workloads keep their current SVIDs until they expire, and renewal resumes when the agent is unbanned",
+                        status.message()
+                    ))
+                } else if is_refusal(&status) {
                     Failure::Refused(status.message().to_owned())
                 } else {
                     Failure::Retry(client::describe_status(&status))
@@ -236,6 +241,16 @@ pub(crate) fn is_refusal(status: &tonic::Status) -> bool {
     ) && !client::is_transport_failure(status)
 }
 
+/// Metadata key the server sets when it refuses a banned agent.
+const BANNED_METADATA: &str = "sigil-agent-banned";
+
+/// Whether the server refuses the agent because it is banned: unlike an
+/// eviction, a ban can be lifted, so the agent keeps its SVID and retries.
+fn is_banned(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::PermissionDenied
+        && status.metadata().get(BANNED_METADATA).is_some()
+}
+
 /// Half-way between `not_before` and `not_after`.
 fn half_life(not_before: SystemTime, not_after: SystemTime) -> SystemTime {
     let lifetime = not_after
@@ -247,6 +262,18 @@ fn half_life(not_before: SystemTime, not_after: SystemTime) -> SystemTime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_ban_is_retried_and_an_eviction_is_final() {
+        let mut banned = tonic::Status::permission_denied("agent spiffe://td/a is banned");
+        banned.metadata_mut().insert(
+            BANNED_METADATA,
+            tonic::metadata::MetadataValue::from_static("true"),
+        );
+        assert!(is_banned(&banned));
+        let evicted = tonic::Status::permission_denied("agent spiffe://td/a is not attested");
+        assert!(!is_banned(&evicted) && is_refusal(&evicted));
+    }
 
     #[test]
     fn renewal_is_due_at_half_life() {

@@ -10,6 +10,7 @@ mod api;
 mod attestor;
 pub(crate) mod cli;
 mod client;
+pub(crate) mod health;
 
 use std::future::Future;
 use std::io;

@@ -16,7 +16,7 @@ use sigil::{Selector, Selectors, SpiffeId, TrustDomain};
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
-use super::{Services, internal};
+use super::{Services, agents, internal};
 use crate::clock;
 use crate::registry::{ListQuery, RegistryError, SelectorMatch};
 use crate::tokens::{DEFAULT_TTL, TokenError};
@@ -328,12 +328,117 @@ impl Admin for AdminService {
         }))
     }
 
+    async fn list_agents(
+        &self,
+        request: Request<admin_pb::ListAgentsRequest>,
+    ) -> Result<Response<admin_pb::ListAgentsResponse>, Status> {
+        self.authorize(&request)?;
+        let filter = agents::AgentFilter::parse(request.get_ref())?;
+        let agents = agents::list(&self.services, &filter).await?;
+        Ok(Response::new(admin_pb::ListAgentsResponse {
+            agents: agents.iter().map(agents::to_proto).collect(),
+        }))
+    }
+
+    async fn count_agents(
+        &self,
+        request: Request<admin_pb::ListAgentsRequest>,
+    ) -> Result<Response<admin_pb::CountAgentsResponse>, Status> {
+        self.authorize(&request)?;
+        let filter = agents::AgentFilter::parse(request.get_ref())?;
+        let agents = agents::list(&self.services, &filter).await?;
+        Ok(Response::new(admin_pb::CountAgentsResponse {
+            count: agents.len() as u64,
+        }))
+    }
+
+    async fn get_agent(
+        &self,
+        request: Request<admin_pb::AgentIdRequest>,
+    ) -> Result<Response<admin_pb::Agent>, Status> {
+        self.authorize(&request)?;
+        let id = agents::parse_agent_id(&request.get_ref().spiffe_id)?;
+        let record = agents::get(&self.services, &id).await?;
+        Ok(Response::new(agents::to_proto(&record)))
+    }
+
+    async fn evict_agent(
+        &self,
+        request: Request<admin_pb::AgentIdRequest>,
+    ) -> Result<Response<admin_pb::Agent>, Status> {
+        self.authorize(&request)?;
+        let id = agents::parse_agent_id(&request.get_ref().spiffe_id)?;
+        let record = agents::evict(&self.services, &id).await?;
+        Ok(Response::new(agents::to_proto(&record)))
+    }
+
+    async fn ban_agent(
+        &self,
+        request: Request<admin_pb::AgentIdRequest>,
+    ) -> Result<Response<admin_pb::Agent>, Status> {
+        self.authorize(&request)?;
+        let id = agents::parse_agent_id(&request.get_ref().spiffe_id)?;
+        let record = agents::set_banned(&self.services, &id, true).await?;
+        Ok(Response::new(agents::to_proto(&record)))
+    }
+
+    async fn unban_agent(
+        &self,
+        request: Request<admin_pb::AgentIdRequest>,
+    ) -> Result<Response<admin_pb::Agent>, Status> {
+        self.authorize(&request)?;
+        let id = agents::parse_agent_id(&request.get_ref().spiffe_id)?;
+        let record = agents::set_banned(&self.services, &id, false).await?;
+        Ok(Response::new(agents::to_proto(&record)))
+    }
+
     async fn get_bundle(
         &self,
         request: Request<GetBundleRequest>,
     ) -> Result<Response<pb::Bundle>, Status> {
         self.authorize(&request)?;
         Ok(Response::new(self.services.ca.bundle_proto()))
+    }
+
+    async fn mint_x509_svid(
+        &self,
+        request: Request<admin_pb::MintX509SvidRequest>,
+    ) -> Result<Response<admin_pb::MintX509SvidResponse>, Status> {
+        self.authorize(&request)?;
+        super::mint::mint(&self.services, request.get_ref()).map(Response::new)
+    }
+
+    async fn set_federated_bundle(
+        &self,
+        request: Request<admin_pb::SetFederatedBundleRequest>,
+    ) -> Result<Response<pb::Bundle>, Status> {
+        self.authorize(&request)?;
+        let bundle = request.into_inner().bundle;
+        super::federation::set(&self.services, bundle)
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_federated_bundles(
+        &self,
+        request: Request<admin_pb::ListFederatedBundlesRequest>,
+    ) -> Result<Response<admin_pb::ListFederatedBundlesResponse>, Status> {
+        self.authorize(&request)?;
+        let bundles = super::federation::list(&self.services).await?;
+        Ok(Response::new(admin_pb::ListFederatedBundlesResponse {
+            bundles,
+        }))
+    }
+
+    async fn delete_federated_bundle(
+        &self,
+        request: Request<admin_pb::DeleteFederatedBundleRequest>,
+    ) -> Result<Response<pb::Bundle>, Status> {
+        self.authorize(&request)?;
+        let trust_domain = &request.get_ref().trust_domain;
+        super::federation::delete(&self.services, trust_domain)
+            .await
+            .map(Response::new)
     }
 }
 

@@ -22,7 +22,7 @@ use sigil::x509::Csr;
 use tonic::{Request, Response, Status, Streaming};
 use x509_parser::prelude::FromDer;
 
-use super::{Services, internal, issue, sync};
+use super::{Services, agents, internal, issue, sync};
 use crate::clock;
 use crate::store::AgentRecord;
 use crate::tokens::{MAX_TOKEN_LEN, TokenError, hex};
@@ -62,7 +62,8 @@ impl AgentService {
     }
 
     /// Identifies the caller by its client certificate: the leaf's SPIFFE ID
-    /// must be an attested agent and the leaf its current (or previous) SVID.
+    /// must be an attested agent that is not banned, and the leaf its
+    /// current (or previous) SVID.
     pub(crate) async fn authenticate<T>(
         &self,
         request: &Request<T>,
@@ -89,7 +90,10 @@ impl AgentService {
             .get_agent(&id)
             .await
             .map_err(|e| internal("reading the agent record", e))?
-            .ok_or_else(|| Status::permission_denied(format!("agent {id} is not attested")))?;
+            .ok_or_else(|| agents::not_attested(&id))?;
+        if record.banned {
+            return Err(agents::banned(&id));
+        }
         let serial = serial_of(leaf)
             .ok_or_else(|| Status::unauthenticated("client certificate: malformed"))?;
         if serial != record.serial && record.previous_serial.as_deref() != Some(serial.as_str()) {
@@ -222,11 +226,19 @@ impl AgentApi for AgentService {
             .map_err(token_status)?;
         let agent_id = token.agent_id;
 
+        let _guard = self.services.agents.lock.lock().await;
+        let old = self
+            .services
+            .store
+            .get_agent(&agent_id)
+            .await
+            .map_err(|e| internal("reading the agent record", e))?;
+        if old.as_ref().is_some_and(|r| r.banned) {
+            tracing::warn!(agent.id = %agent_id, token.id = %token.token_id, "attestation of a banned agent refused");
+            return Err(agents::banned(&agent_id));
+        }
         let (svid, serial, expires_at) = self.sign_agent(&attestation.csr, &agent_id)?;
-        let created_at = match self.services.store.get_agent(&agent_id).await {
-            Ok(Some(old)) => old.created_at,
-            _ => clock::now_unix(),
-        };
+        let created_at = old.map_or_else(clock::now_unix, |r| r.created_at);
         self.save_agent(&AgentRecord {
             spiffe_id: agent_id.clone(),
             attestation_type: JOIN_TOKEN.into(),
@@ -234,6 +246,7 @@ impl AgentApi for AgentService {
             previous_serial: None,
             expires_at,
             created_at,
+            banned: false,
         })
         .await?;
         tracing::info!(
@@ -253,9 +266,27 @@ impl AgentApi for AgentService {
         &self,
         request: Request<RenewAgentRequest>,
     ) -> Result<Response<RenewAgentResponse>, Status> {
-        let mut record = self.authenticate(&request).await?;
+        let caller = self.authenticate(&request).await?;
         let csr = parse_csr("csr", &request.get_ref().csr)?;
-        let (svid, serial, expires_at) = self.sign_agent(&csr, &record.spiffe_id)?;
+        let (svid, serial, expires_at) = self.sign_agent(&csr, &caller.spiffe_id)?;
+        // Read again under the lock: an eviction or a ban since the
+        // authentication wins over this renewal.
+        let _guard = self.services.agents.lock.lock().await;
+        let mut record = self
+            .services
+            .store
+            .get_agent(&caller.spiffe_id)
+            .await
+            .map_err(|e| internal("reading the agent record", e))?
+            .ok_or_else(|| agents::not_attested(&caller.spiffe_id))?;
+        if record.banned {
+            return Err(agents::banned(&record.spiffe_id));
+        }
+        if record.serial != caller.serial {
+            return Err(Status::permission_denied(
+                "agent SVID is not current; attest again",
+            ));
+        }
         record.previous_serial = Some(std::mem::replace(&mut record.serial, serial));
         record.expires_at = expires_at;
         self.save_agent(&record).await?;
@@ -273,6 +304,7 @@ impl AgentApi for AgentService {
         &self,
         request: Request<SyncEntriesRequest>,
     ) -> Result<Response<Self::SyncEntriesStream>, Status> {
+        let agent_changes = self.services.agents.changes.subscribe();
         let record = self.authenticate(&request).await?;
         let known = sync::known_entries(&request.get_ref().known)?;
         tracing::debug!(agent.id = %record.spiffe_id, known = known.len(), "entry sync started");
@@ -280,6 +312,7 @@ impl AgentApi for AgentService {
             Arc::clone(&self.services),
             record.spiffe_id,
             known,
+            agent_changes,
         )))
     }
 

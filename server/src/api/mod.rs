@@ -3,7 +3,10 @@
 
 pub(crate) mod admin;
 pub(crate) mod agent;
+pub(crate) mod agents;
+mod federation;
 mod issue;
+mod mint;
 mod sync;
 
 use std::sync::Arc;
@@ -34,6 +37,8 @@ pub(crate) struct Services {
     pub(crate) agent_svid_ttl: Duration,
     /// Fires when the server stops.
     pub(crate) shutdown: Shutdown,
+    /// Serializes agent record changes and announces evictions and bans.
+    pub(crate) agents: agents::AgentGate,
 }
 
 /// An INTERNAL status for a server-side failure, which is logged.

@@ -9,8 +9,8 @@ use sigil::proto::sigil::agent::v1::{KnownEntry, SyncEntriesResponse};
 use sigil::{Entry, SpiffeId};
 use tonic::Status;
 
-use super::Services;
 use super::agent::SyncStream;
+use super::{Services, agents};
 
 /// Most known entries an agent may report.
 pub(crate) const MAX_KNOWN: usize = 100_000;
@@ -59,8 +59,16 @@ fn revisions(entitled: &[Arc<Entry>]) -> Revisions {
 }
 
 /// The stream for `agent`, which holds `known`. It ends only with an error:
-/// UNAVAILABLE when the server shuts down.
-pub(crate) fn stream(services: Arc<Services>, agent: SpiffeId, known: Revisions) -> SyncStream {
+/// UNAVAILABLE when the server shuts down, PERMISSION_DENIED when the agent
+/// is evicted or banned. `agent_changes` must have been subscribed before
+/// the agent was authenticated, so that no eviction or ban in between is
+/// missed.
+pub(crate) fn stream(
+    services: Arc<Services>,
+    agent: SpiffeId,
+    known: Revisions,
+    mut agent_changes: tokio::sync::watch::Receiver<u64>,
+) -> SyncStream {
     let mut changes = services.registry.subscribe();
     let mut bundle_changes = services.ca.subscribe();
     let mut shutdown = services.shutdown.clone();
@@ -81,19 +89,31 @@ pub(crate) fn stream(services: Arc<Services>, agent: SpiffeId, known: Revisions)
         );
         yield Ok(first);
 
-        loop {
+        let ending = loop {
             tokio::select! {
                 changed = changes.changed() => {
                     if changed.is_err() {
-                        break;
+                        break shutting_down();
+                    }
+                }
+                changed = agent_changes.changed() => {
+                    if changed.is_err() {
+                        break shutting_down();
+                    }
+                    match still_allowed(&services, &agent).await {
+                        Ok(()) => continue,
+                        Err(status) => {
+                            tracing::info!(agent.id = %agent, reason = %status.message(), "entry sync closed");
+                            break status;
+                        }
                     }
                 }
                 changed = bundle_changes.changed() => {
                     if changed.is_err() {
-                        break;
+                        break shutting_down();
                     }
                 }
-                () = shutdown.wait() => break,
+                () = shutdown.wait() => break shutting_down(),
             }
             let entitled = services.registry.entitled(&agent);
             let mut update = diff(&held, &entitled);
@@ -114,9 +134,23 @@ pub(crate) fn stream(services: Arc<Services>, agent: SpiffeId, known: Revisions)
                 "entry sync: changes sent"
             );
             yield Ok(update);
-        }
-        yield Err(Status::unavailable("server shutting down"));
+        };
+        yield Err(ending);
     })
+}
+
+fn shutting_down() -> Status {
+    Status::unavailable("server shutting down")
+}
+
+/// Whether `agent` is still attested and not banned.
+async fn still_allowed(services: &Services, agent: &SpiffeId) -> Result<(), Status> {
+    match services.store.get_agent(agent).await {
+        Ok(Some(record)) if record.banned => Err(agents::banned(agent)),
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err(agents::not_attested(agent)),
+        Err(e) => Err(super::internal("reading the agent record", e)),
+    }
 }
 
 #[cfg(test)]
@@ -204,9 +238,11 @@ mod tests {
             default_x509_svid_ttl: ttl,
             agent_svid_ttl: ttl,
             shutdown,
+            agents: Default::default(),
         });
         let agent: SpiffeId = "spiffe://example.org/agent".parse().unwrap();
-        let mut sync = stream(services, agent, Revisions::new());
+        let changes = services.agents.changes.subscribe();
+        let mut sync = stream(services, agent, Revisions::new(), changes);
 
         let initial = sync.next().await.unwrap().unwrap();
         assert_eq!(initial.bundle.unwrap().x509_authorities.len(), 1);

@@ -458,7 +458,7 @@ fn check_id(flag: &str, value: &str) -> anyhow::Result<String> {
 }
 
 /// Checks a `--selector` flag and returns its wire form.
-fn check_selector(value: &str) -> anyhow::Result<pb::Selector> {
+pub(super) fn check_selector(value: &str) -> anyhow::Result<pb::Selector> {
     let selector: Selector = value
         .parse()
         .map_err(|e| anyhow::anyhow!("--selector {value:?}: {e}"))?;
@@ -476,7 +476,7 @@ fn check_trust_domain(value: &str) -> anyhow::Result<()> {
 }
 
 /// Parses `--entry-expiry`: seconds since the Unix epoch, or RFC 3339 in UTC.
-fn parse_expiry(value: &str) -> Result<i64, String> {
+pub(super) fn parse_expiry(value: &str) -> Result<i64, String> {
     if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
         return value
             .parse()

@@ -1,14 +1,17 @@
-//! The command line: `run` starts the server; `entry`, `token` and `bundle`
-//! are admin commands that talk to a running server over its admin socket.
+//! The command line: `run` starts the server; `entry`, `token`, `bundle`
+//! and `agent` are admin commands that talk to a running server over its admin socket.
 //!
 //! Exit codes: 0 success, 1 failure (printed as `Error: …` on stderr),
 //! 2 usage or configuration error.
 
+mod agent;
 mod bundle;
 pub(crate) mod client;
 mod entry;
+mod healthcheck;
 mod output;
 mod token;
+mod x509;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -38,6 +41,16 @@ enum Command {
     /// Shows the trust bundle.
     #[command(subcommand)]
     Bundle(bundle::BundleCommand),
+    /// Lists, evicts and bans attested agents.
+    #[command(subcommand)]
+    Agent(agent::AgentCommand),
+    /// Issues X.509-SVIDs without an entry.
+    #[command(subcommand)]
+    X509(x509::X509Command),
+    /// Exits 0 only when the server answers on its admin socket.
+    Healthcheck(healthcheck::HealthcheckArgs),
+    /// Checks the configuration as `run` does, without starting anything.
+    Validate(RunArgs),
 }
 
 /// The admin socket option shared by every admin command.
@@ -66,6 +79,10 @@ pub(crate) fn main() -> ExitCode {
         Command::Entry(cmd) => admin(entry::run(cmd)),
         Command::Token(cmd) => admin(token::run(cmd)),
         Command::Bundle(cmd) => admin(bundle::run(cmd)),
+        Command::Agent(cmd) => admin(agent::run(cmd)),
+        Command::X509(cmd) => admin(x509::run(cmd)),
+        Command::Healthcheck(args) => admin(healthcheck::run(args)),
+        Command::Validate(args) => validate(&args),
     }
 }
 
@@ -83,6 +100,23 @@ fn run(args: &RunArgs) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("Error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `validate`: every problem on its own line and exit code 1, or
+/// `Configuration is valid`.
+fn validate(args: &RunArgs) -> ExitCode {
+    match config::load(args) {
+        Ok(_) => {
+            emit("Configuration is valid\n");
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for problem in &errors.0 {
+                eprintln!("{problem}");
+            }
             ExitCode::FAILURE
         }
     }

@@ -1,5 +1,5 @@
 //! Durable state of the server: registration entries, the entry revision
-//! counter, join tokens and attested agents.
+//! counter, join tokens, attested agents and other trust domains' bundles.
 //!
 //! [`Store`] is backend-neutral: records travel as serde values of the
 //! domain types, so a SQL backend can implement it as well as the embedded
@@ -58,6 +58,20 @@ pub(crate) struct AgentRecord {
     pub(crate) expires_at: i64,
     /// First attestation, in seconds since the Unix epoch.
     pub(crate) created_at: i64,
+    /// A banned agent can neither renew, sync, sign nor attest again.
+    #[serde(default)]
+    pub(crate) banned: bool,
+}
+
+/// Another trust domain's bundle, kept for federation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct FederatedBundleRecord {
+    /// The trust domain's name, e.g. `other.org`.
+    pub(crate) trust_domain: String,
+    /// Its X.509 authorities as PEM certificates.
+    pub(crate) x509_authorities_pem: String,
+    /// The sequence number the bundle came with, or 0.
+    pub(crate) sequence: u64,
 }
 
 /// Durable storage of the server's state.
@@ -103,12 +117,30 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug {
     /// One agent.
     async fn get_agent(&self, id: &SpiffeId) -> Result<Option<AgentRecord>, StoreError>;
 
+    /// Every agent.
+    async fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError>;
+
+    /// Removes an agent and returns it, if it existed.
+    async fn delete_agent(&self, id: &SpiffeId) -> Result<Option<AgentRecord>, StoreError>;
+
     /// The journal of the X.509 signing authorities, if one was stored.
     async fn get_ca_journal(&self) -> Result<Option<crate::ca::journal::Journal>, StoreError>;
 
     /// Replaces the journal of the X.509 signing authorities.
     async fn put_ca_journal(&self, journal: &crate::ca::journal::Journal)
     -> Result<(), StoreError>;
+
+    /// Inserts or replaces another trust domain's bundle, keyed by its name.
+    async fn put_federated_bundle(&self, record: &FederatedBundleRecord) -> Result<(), StoreError>;
+
+    /// Every stored bundle of another trust domain, ordered by name.
+    async fn list_federated_bundles(&self) -> Result<Vec<FederatedBundleRecord>, StoreError>;
+
+    /// Removes another trust domain's bundle and returns it, if it existed.
+    async fn delete_federated_bundle(
+        &self,
+        trust_domain: &str,
+    ) -> Result<Option<FederatedBundleRecord>, StoreError>;
 
     /// Makes every write so far durable.
     async fn flush(&self) -> Result<(), StoreError>;

@@ -1,7 +1,8 @@
 //! The embedded [`Store`] backend, on sled.
 //!
 //! Trees: `entries` (entry ID → JSON entry), `join_tokens` (SHA-256 of the
-//! token → JSON record), `agents` (SPIFFE ID → JSON record) and `meta` (the
+//! token → JSON record), `agents` (SPIFFE ID → JSON record),
+//! `federated_bundles` (trust domain name → JSON record) and `meta` (the
 //! revision counter, a big-endian u64, and the authority journal, JSON).
 
 use std::path::Path;
@@ -10,7 +11,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sigil::{Entry, SpiffeId};
 
-use super::{AgentRecord, JoinTokenRecord, Store, StoreError};
+use super::{AgentRecord, FederatedBundleRecord, JoinTokenRecord, Store, StoreError};
 
 const REVISION_KEY: &[u8] = b"entry_revision";
 /// Key of the authority journal (JSON) in `meta`.
@@ -24,6 +25,7 @@ pub(crate) struct SledStore {
     join_tokens: sled::Tree,
     agents: sled::Tree,
     meta: sled::Tree,
+    federated_bundles: sled::Tree,
 }
 
 impl SledStore {
@@ -43,6 +45,7 @@ impl SledStore {
             join_tokens: db.open_tree("join_tokens").map_err(backend)?,
             agents: db.open_tree("agents").map_err(backend)?,
             meta: db.open_tree("meta").map_err(backend)?,
+            federated_bundles: db.open_tree("federated_bundles").map_err(backend)?,
             db,
         })
     }
@@ -152,6 +155,54 @@ impl Store for SledStore {
             .transpose()
     }
 
+    async fn list_agents(&self) -> Result<Vec<AgentRecord>, StoreError> {
+        self.agents
+            .iter()
+            .map(|item| {
+                let (k, v) = item.map_err(backend)?;
+                decode(&k, &v)
+            })
+            .collect()
+    }
+
+    async fn delete_agent(&self, id: &SpiffeId) -> Result<Option<AgentRecord>, StoreError> {
+        let key = id.as_str().as_bytes();
+        self.agents
+            .remove(key)
+            .map_err(backend)?
+            .map(|v| decode(key, &v))
+            .transpose()
+    }
+
+    async fn put_federated_bundle(&self, record: &FederatedBundleRecord) -> Result<(), StoreError> {
+        self.federated_bundles
+            .insert(record.trust_domain.as_bytes(), encode(record)?)
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn list_federated_bundles(&self) -> Result<Vec<FederatedBundleRecord>, StoreError> {
+        self.federated_bundles
+            .iter()
+            .map(|item| {
+                let (k, v) = item.map_err(backend)?;
+                decode(&k, &v)
+            })
+            .collect()
+    }
+
+    async fn delete_federated_bundle(
+        &self,
+        trust_domain: &str,
+    ) -> Result<Option<FederatedBundleRecord>, StoreError> {
+        let key = trust_domain.as_bytes();
+        self.federated_bundles
+            .remove(key)
+            .map_err(backend)?
+            .map(|v| decode(key, &v))
+            .transpose()
+    }
+
     async fn get_ca_journal(&self) -> Result<Option<crate::ca::journal::Journal>, StoreError> {
         self.meta
             .get(CA_JOURNAL_KEY)
@@ -213,6 +264,7 @@ mod tests {
             previous_serial: None,
             expires_at: 2_000_000_000,
             created_at: 1_700_000_000,
+            banned: false,
         }
     }
 
@@ -252,6 +304,49 @@ mod tests {
         );
         assert_eq!(store.take_join_token(b"hash").await.unwrap(), Some(token()));
         assert!(store.next_revision().await.unwrap() > r2);
+    }
+
+    #[tokio::test]
+    async fn agents_are_listed_and_deleted_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let mut banned = agent();
+        banned.banned = true;
+        store.put_agent(&banned).await.unwrap();
+        assert_eq!(store.list_agents().await.unwrap(), [banned.clone()]);
+        let id = banned.spiffe_id.clone();
+        assert_eq!(store.delete_agent(&id).await.unwrap(), Some(banned));
+        assert_eq!(store.delete_agent(&id).await.unwrap(), None);
+        assert!(store.list_agents().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn federated_bundles_are_listed_by_name_and_deleted_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let record = |td: &str| FederatedBundleRecord {
+            trust_domain: td.into(),
+            x509_authorities_pem: format!("pem of {td}"),
+            sequence: 1,
+        };
+        store.put_federated_bundle(&record("b.org")).await.unwrap();
+        store.put_federated_bundle(&record("a.org")).await.unwrap();
+        let mut replaced = record("b.org");
+        replaced.sequence = 2;
+        store.put_federated_bundle(&replaced).await.unwrap();
+        assert_eq!(
+            store.list_federated_bundles().await.unwrap(),
+            [record("a.org"), replaced.clone()]
+        );
+        assert_eq!(
+            store.delete_federated_bundle("b.org").await.unwrap(),
+            Some(replaced)
+        );
+        assert_eq!(store.delete_federated_bundle("b.org").await.unwrap(), None);
+        assert_eq!(
+            store.list_federated_bundles().await.unwrap(),
+            [record("a.org")]
+        );
     }
 
     #[tokio::test]
