@@ -1,0 +1,373 @@
+use std::sync::Mutex;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use super::*;
+
+const PODS: &str = include_str!("../fixtures/kubelet_pods.json");
+const TOKEN: &str = "eyJhbGciOiJSUzI1NiJ9.sa-token.sig";
+const WEB: &str = "3f4b2c1d9e8a7f6b5c4d3e2f1a0b9c8d7e6f5a4b3c2d1e0f9a8b7c6d5e4f3a2b";
+const ENVOY: &str = "b1a2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90";
+const WEB_POD: &str = "7d2a6c3e-91b4-4f0a-8e5d-2b1c9a8f7e6d";
+const BATCH_POD: &str = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
+const REPORT: &str = "c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00";
+
+/// A kubelet stand-in: answers `GET /pods` with `body` to callers with
+/// the right bearer token, 401 to others, and counts requests.
+struct Kubelet {
+    url: KubeletUrl,
+    ca: PathBuf,
+    token: PathBuf,
+    body: Arc<Mutex<String>>,
+    requests: watch::Receiver<usize>,
+    _dir: tempfile::TempDir,
+}
+
+impl Kubelet {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+        let ca = dir.path().join("kubelet-ca.pem");
+        std::fs::write(&ca, certified.cert.pem()).unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
+
+        let key = rustls_pki_types::PrivateKeyDer::try_from(certified.signing_key.serialize_der())
+            .unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(sigil::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![certified.cert.der().clone()], key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let body = Arc::new(Mutex::new(PODS.to_owned()));
+        let (count_tx, requests) = watch::channel(0);
+        let served = Arc::clone(&body);
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    continue;
+                };
+                let head = read_head(&mut tls).await;
+                count_tx.send_modify(|n| *n += 1);
+                let authorized = head.to_ascii_lowercase().contains(&format!(
+                    "\r\nauthorization: bearer {}\r\n",
+                    TOKEN.to_ascii_lowercase()
+                ));
+                let (status, body) = if !head.starts_with("GET /pods HTTP/1.1\r\n") {
+                    ("404 Not Found", "404 page not found\n".to_owned())
+                } else if authorized {
+                    ("200 OK", served.lock().unwrap().clone())
+                } else {
+                    ("401 Unauthorized", "Unauthorized".to_owned())
+                };
+                let response = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: application/json\r\n\
+                     Date: Fri, 20 Nov 2026 09:21:00 GMT\r\n\
+                     Content-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tls.write_all(response.as_bytes()).await;
+                let _ = tls.shutdown().await;
+            }
+        });
+        Self {
+            url: KubeletUrl::parse(&format!("https://127.0.0.1:{port}")).unwrap(),
+            ca,
+            token,
+            body,
+            requests,
+            _dir: dir,
+        }
+    }
+
+    fn config(&self) -> K8sConfig {
+        K8sConfig {
+            kubelet_url: self.url.clone(),
+            token_path: self.token.clone(),
+            kubelet_ca_path: Some(self.ca.clone()),
+            refresh_interval: Duration::from_secs(3600),
+        }
+    }
+
+    fn requests(&self) -> usize {
+        *self.requests.borrow()
+    }
+
+    /// Lists the `report` container of the batch pod as started.
+    fn start_report_container(&self) {
+        let mut list: serde_json::Value = serde_json::from_str(PODS).unwrap();
+        let status = &mut list["items"][1]["status"]["containerStatuses"][0];
+        status["containerID"] = format!("containerd://{REPORT}").into();
+        status["imageID"] = status["image"].clone();
+        *self.body.lock().unwrap() = list.to_string();
+    }
+}
+
+async fn read_head<S: AsyncReadExt + Unpin>(stream: &mut S) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+            break;
+        }
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// containerd with the systemd driver on cgroup v2.
+fn cgroup_of(pod_uid: &str, container_id: &str) -> String {
+    format!(
+        "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{container_id}.scope\n",
+        pod_uid.replace('-', "_")
+    )
+}
+
+/// Waits until `attestor` has completed `n` fetches.
+async fn fetched(attestor: &K8sAttestor, n: u64) {
+    let mut rx = attestor.shared.completed.subscribe();
+    tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|c| *c >= n))
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+async fn selectors_of(attestor: &K8sAttestor, cgroup: &str) -> Result<Vec<String>, K8sError> {
+    let mut selectors = Selectors::new();
+    let facts = Facts {
+        pid: 1,
+        cgroup: cgroup.to_owned(),
+    };
+    attestor.collect(&facts, &mut selectors).await?;
+    Ok(selectors.iter().map(ToString::to_string).collect())
+}
+
+#[tokio::test]
+async fn a_listed_container_gets_its_pod_and_container_selectors() {
+    let kubelet = Kubelet::start().await;
+    let attestor = K8sAttestor::new(&kubelet.config()).unwrap();
+    let got = selectors_of(&attestor, &cgroup_of(WEB_POD, WEB))
+        .await
+        .unwrap();
+    assert_eq!(
+        got,
+        [
+            "k8s:container-image:docker.io/library/nginx:1.25",
+            "k8s:container-image:docker.io/library/nginx@sha256:10d1f5b58f74683ad34eb29287e07dab1e90f10af243f151bb50aa5dbb4d62ee",
+            "k8s:container-name:web",
+            "k8s:node-name:node-1",
+            "k8s:ns:shop",
+            "k8s:pod-label:app:web",
+            "k8s:pod-label:pod-template-hash:7c9f8d6b5",
+            "k8s:pod-name:web-7c9f8d6b5-x2lqp",
+            "k8s:pod-owner:ReplicaSet:web-7c9f8d6b5",
+            "k8s:pod-uid:7d2a6c3e-91b4-4f0a-8e5d-2b1c9a8f7e6d",
+            "k8s:sa:web",
+        ]
+    );
+    let sidecar = selectors_of(&attestor, &cgroup_of(WEB_POD, ENVOY))
+        .await
+        .unwrap();
+    assert!(sidecar.contains(&"k8s:container-name:envoy".to_owned()));
+    assert!(!sidecar.contains(&"k8s:container-name:web".to_owned()));
+}
+
+#[tokio::test]
+async fn warm_lookups_do_not_fetch() {
+    let kubelet = Kubelet::start().await;
+    let attestor = K8sAttestor::new(&kubelet.config()).unwrap();
+    fetched(&attestor, 1).await;
+    for _ in 0..50 {
+        selectors_of(&attestor, &cgroup_of(WEB_POD, WEB))
+            .await
+            .unwrap();
+    }
+    assert_eq!(kubelet.requests(), 1);
+}
+
+#[tokio::test]
+async fn an_unknown_container_shares_one_refresh() {
+    let kubelet = Kubelet::start().await;
+    let attestor = Arc::new(K8sAttestor::new(&kubelet.config()).unwrap());
+    fetched(&attestor, 1).await;
+
+    // The report container starts after the list was fetched; twenty
+    // of its processes call at once.
+    kubelet.start_report_container();
+    let cgroup = format!(
+        "12:memory:/kubepods/besteffort/pod{BATCH_POD}/{REPORT}\n\
+         1:name=systemd:/kubepods/besteffort/pod{BATCH_POD}/{REPORT}\n"
+    );
+    let calls: Vec<_> = (0..20)
+        .map(|_| {
+            let attestor = Arc::clone(&attestor);
+            let cgroup = cgroup.clone();
+            tokio::spawn(async move { selectors_of(&attestor, &cgroup).await })
+        })
+        .collect();
+    for call in calls {
+        let got = call.await.unwrap().unwrap();
+        assert!(
+            got.contains(&"k8s:pod-owner:Job:batch-28391040".to_owned()),
+            "{got:?}"
+        );
+        assert!(got.contains(&"k8s:sa:default".to_owned()), "{got:?}");
+    }
+    assert_eq!(kubelet.requests(), 2, "one refresh for all callers");
+}
+
+#[tokio::test]
+async fn a_container_not_yet_listed_is_unavailable_not_denied() {
+    let kubelet = Kubelet::start().await;
+    let attestor = K8sAttestor::new(&kubelet.config()).unwrap();
+    fetched(&attestor, 1).await;
+    // The batch pod is listed, its container still being created.
+    let started = tokio::time::Instant::now();
+    let err = selectors_of(&attestor, &cgroup_of(BATCH_POD, REPORT))
+        .await
+        .unwrap_err();
+    assert!(started.elapsed() < UNKNOWN_WAIT);
+    assert_eq!(
+        err.to_string(),
+        format!("container {REPORT} of pod {BATCH_POD} is not in the kubelet's pod list")
+    );
+    assert_eq!(kubelet.requests(), 2, "looked again once");
+
+    // Once listed, the next attempt succeeds.
+    kubelet.start_report_container();
+    let got = selectors_of(&attestor, &cgroup_of(BATCH_POD, REPORT))
+        .await
+        .unwrap();
+    assert!(got.contains(&"k8s:container-name:report".to_owned()));
+}
+
+#[tokio::test]
+async fn processes_outside_pods_get_nothing_and_cost_no_fetch() {
+    let kubelet = Kubelet::start().await;
+    let attestor = K8sAttestor::new(&kubelet.config()).unwrap();
+    fetched(&attestor, 1).await;
+    for cgroup in [
+        "0::/system.slice/sshd.service\n".to_owned(),
+        format!("0::/system.slice/docker-{WEB}.scope\n"),
+    ] {
+        assert!(selectors_of(&attestor, &cgroup).await.unwrap().is_empty());
+    }
+    assert_eq!(kubelet.requests(), 1);
+}
+
+#[tokio::test]
+async fn the_list_is_refreshed_on_the_interval() {
+    let kubelet = Kubelet::start().await;
+    let attestor = K8sAttestor::new(&K8sConfig {
+        refresh_interval: Duration::from_millis(50),
+        ..kubelet.config()
+    })
+    .unwrap();
+    fetched(&attestor, 1).await;
+    kubelet.start_report_container();
+    fetched(&attestor, 3).await;
+    let got = selectors_of(&attestor, &cgroup_of(BATCH_POD, REPORT))
+        .await
+        .unwrap();
+    assert!(got.contains(&"k8s:container-name:report".to_owned()));
+    drop(attestor);
+}
+
+#[tokio::test]
+async fn the_kubelet_certificate_is_verified_unless_told_not_to() {
+    let kubelet = Kubelet::start().await;
+    let other = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let other_ca = kubelet._dir.path().join("other-ca.pem");
+    std::fs::write(&other_ca, other.cert.pem()).unwrap();
+    let attestor = K8sAttestor::new(&K8sConfig {
+        kubelet_ca_path: Some(other_ca),
+        ..kubelet.config()
+    })
+    .unwrap();
+    let err = selectors_of(&attestor, &cgroup_of(WEB_POD, WEB))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("invalid peer certificate"),
+        "{err}"
+    );
+
+    let attestor = K8sAttestor::new(&K8sConfig {
+        kubelet_ca_path: None,
+        ..kubelet.config()
+    })
+    .unwrap();
+    let got = selectors_of(&attestor, &cgroup_of(WEB_POD, WEB))
+        .await
+        .unwrap();
+    assert!(got.contains(&"k8s:ns:shop".to_owned()));
+}
+
+#[tokio::test]
+async fn a_wrong_token_is_reported() {
+    let kubelet = Kubelet::start().await;
+    std::fs::write(&kubelet.token, "expired").unwrap();
+    let attestor = K8sAttestor::new(&kubelet.config()).unwrap();
+    let err = selectors_of(&attestor, &cgroup_of(WEB_POD, WEB))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().ends_with("/pods: HTTP 401: Unauthorized"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_missing_ca_file_is_a_setup_error() {
+    let err = KubeletClient::new(&K8sConfig {
+        kubelet_url: KubeletUrl::parse("https://node-1").unwrap(),
+        token_path: "/nonexistent/token".into(),
+        kubelet_ca_path: Some("/nonexistent/ca.pem".into()),
+        refresh_interval: Duration::from_secs(10),
+    })
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("kubelet CA /nonexistent/ca.pem: "),
+        "{err}"
+    );
+}
+
+#[test]
+fn kubelet_urls() {
+    for (url, shown) in [
+        ("https://node-1", "https://node-1:10250"),
+        ("https://node-1:10443/", "https://node-1:10443"),
+        ("https://10.0.0.7:10250", "https://10.0.0.7:10250"),
+        ("https://[fd00::7]", "https://[fd00::7]:10250"),
+    ] {
+        assert_eq!(KubeletUrl::parse(url).unwrap().to_string(), shown);
+    }
+    for bad in [
+        "http://node-1",
+        "https://",
+        "https://node-1/pods",
+        "https://node-1:0",
+        "https://node-1:x",
+        "https://[fd00::7",
+        "https://user@node-1",
+    ] {
+        assert!(KubeletUrl::parse(bad).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn the_recorded_list_is_indexed_by_container() {
+    let index = PodIndex::build(serde_json::from_str(PODS).unwrap());
+    // web, envoy and the finished init container; not the container
+    // still being created.
+    assert_eq!(index.containers.len(), 3);
+    assert!(index.lookup(WEB, WEB_POD).is_some());
+    assert!(index.lookup(WEB, BATCH_POD).is_none(), "pod must match");
+}
