@@ -171,7 +171,10 @@ pub(crate) async fn start(config: &Config) -> anyhow::Result<Running> {
         .with_context(|| format!("writing {}", addr_file.display()))?;
 
     let serving = Server::builder()
-        .add_service(AdminServer::new(AdminService::new(Arc::clone(&services))))
+        .add_service(AdminServer::new(AdminService::new(
+            Arc::clone(&services),
+            config.admin_socket_group.is_some(),
+        )))
         .serve_with_incoming_shutdown(UnixListenerStream::new(uds), shutdown.clone().wait_owned());
     tasks.push(supervise("admin API", serving, fatal_tx));
     tracing::info!(path = %config.admin_socket_path.display(), "admin API listening");

@@ -1,6 +1,7 @@
 //! Refusals: every hostile or mistaken input gets a precise error, and
 //! nothing stored is lost.
 
+use std::os::unix::process::CommandExt;
 use std::time::Duration;
 
 use sigil::proto::sigil::agent::v1::{BatchNewX509SvidRequest, X509SvidParams};
@@ -313,4 +314,41 @@ fn malformed_ids_and_selectors_at_the_cli_are_refused_and_nothing_is_stored() {
     ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("--spiffe-id"), "{}", stderr(&out));
+}
+
+#[test]
+fn admin_socket_admits_only_its_group_and_the_servers_user() {
+    if !is_root() {
+        eprintln!("skipped: running the CLI as other uids needs root");
+        return;
+    }
+    let dir = scratch();
+    // gid 1 is the `daemon` group on Debian; any existing group will do.
+    let server = Server::start_with(dir.path(), &["--admin-socket-group", "daemon"]);
+    let cli = copy_for_others(&server_bin(), dir.path());
+    let run_as = |uid: u32, gid: u32| {
+        let mut cmd = std::process::Command::new(&cli);
+        cmd.args(["bundle", "show", "--socket-path"])
+            .arg(&server.admin_socket)
+            .uid(uid)
+            .gid(gid);
+        output_of(&mut cmd)
+    };
+
+    let member = run_as(1001, 1);
+    assert!(member.status.success(), "{}", stderr(&member));
+    assert!(stdout(&member).contains("BEGIN CERTIFICATE"));
+
+    let outsider = run_as(1002, 1002);
+    assert_eq!(outsider.status.code(), Some(1));
+    assert!(
+        stderr(&outsider).contains("cannot reach the server's admin socket"),
+        "{}",
+        stderr(&outsider)
+    );
+    assert!(
+        stderr(&outsider).contains("Permission denied"),
+        "{}",
+        stderr(&outsider)
+    );
 }

@@ -32,18 +32,24 @@ pub(crate) struct AdminService {
     services: Arc<Services>,
     /// The server's effective user ID, allowed besides root.
     server_uid: u32,
+    /// Whether the socket is opened to a group (mode 0660, group-owned).
+    group_access: bool,
 }
 
 impl AdminService {
-    /// A service over the shared state.
-    pub(crate) fn new(services: Arc<Services>) -> Self {
+    /// A service over the shared state. With `group_access`, the socket is
+    /// group-owned with mode 0660 (`admin_socket_group`).
+    pub(crate) fn new(services: Arc<Services>, group_access: bool) -> Self {
         Self {
             services,
             server_uid: nix::unistd::geteuid().as_raw(),
+            group_access,
         }
     }
 
-    /// Allows only root and the server's own user.
+    /// Allows root and the server's own user; with a configured group, also
+    /// every caller that could connect, since the kernel let only the
+    /// group's members (primary or supplementary) open the 0660 socket.
     fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
         let uid = request
             .extensions()
@@ -51,7 +57,7 @@ impl AdminService {
             .and_then(|info| info.peer_cred)
             .map(|cred| cred.uid());
         match uid {
-            Some(uid) if uid == 0 || uid == self.server_uid => Ok(()),
+            Some(uid) if uid == 0 || uid == self.server_uid || self.group_access => Ok(()),
             Some(uid) => Err(Status::permission_denied(format!(
                 "admin API: uid {uid} is not allowed"
             ))),
