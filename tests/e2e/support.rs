@@ -25,11 +25,21 @@ pub fn bin_dir() -> PathBuf {
 }
 
 pub fn server_bin() -> PathBuf {
-    bin_dir().join("sigil-server")
+    built("sigil-server")
 }
 
 pub fn agent_bin() -> PathBuf {
-    bin_dir().join("sigil-agent")
+    built("sigil-agent")
+}
+
+fn built(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (./tests/run does: cargo build --workspace --bins)",
+        path.display()
+    );
+    path
 }
 
 /// A scratch directory that other uids can traverse (workloads run as other
