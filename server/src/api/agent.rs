@@ -247,6 +247,7 @@ impl AgentApi for AgentService {
             expires_at,
             created_at,
             banned: false,
+            selectors: sigil::Selectors::new(),
         })
         .await?;
         tracing::info!(

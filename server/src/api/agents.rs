@@ -67,7 +67,14 @@ pub(crate) fn to_proto(record: &AgentRecord) -> admin_pb::Agent {
         created_at: record.created_at,
         banned: record.banned,
         serial: record.serial.clone(),
-        selectors: Vec::new(),
+        selectors: record
+            .selectors
+            .iter()
+            .map(|s| sigil::proto::sigil::types::v1::Selector {
+                r#type: s.kind().to_owned(),
+                value: s.value().to_owned(),
+            })
+            .collect(),
     }
 }
 
@@ -105,14 +112,13 @@ impl AgentFilter {
         })
     }
 
-    /// Whether `record` passes every filter. Node selectors: an agent has
-    /// none of its own yet (join tokens give none), so any selector filter
-    /// excludes it.
+    /// Whether `record` passes every filter; the selector filter asks for a
+    /// subset of the agent's node selectors.
     pub(crate) fn matches(&self, record: &AgentRecord) -> bool {
         self.attestation_type
             .as_ref()
             .is_none_or(|t| *t == record.attestation_type)
-            && self.selectors.is_subset_of(&Selectors::new())
+            && self.selectors.is_subset_of(&record.selectors)
             && self.expires_before.is_none_or(|t| record.expires_at < t)
             && self.banned.is_none_or(|b| b == record.banned)
     }
@@ -222,6 +228,7 @@ mod tests {
             expires_at,
             created_at: 1,
             banned,
+            selectors: Selectors::new(),
         }
     }
 

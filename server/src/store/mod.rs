@@ -10,7 +10,7 @@
 pub(crate) mod sled;
 
 use serde::{Deserialize, Serialize};
-use sigil::{Entry, SpiffeId};
+use sigil::{Entry, Selectors, SpiffeId};
 
 pub(crate) use self::sled::SledStore;
 
@@ -61,6 +61,9 @@ pub(crate) struct AgentRecord {
     /// A banned agent can neither renew, sync, sign nor attest again.
     #[serde(default)]
     pub(crate) banned: bool,
+    /// Node selectors its node attestor vouched for (none for join tokens).
+    #[serde(default)]
+    pub(crate) selectors: Selectors,
 }
 
 /// Another trust domain's bundle, kept for federation.

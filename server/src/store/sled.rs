@@ -265,6 +265,9 @@ mod tests {
             expires_at: 2_000_000_000,
             created_at: 1_700_000_000,
             banned: false,
+            selectors: ["x509pop:subject:cn:node-1".parse().unwrap()]
+                .into_iter()
+                .collect(),
         }
     }
 
