@@ -10,6 +10,14 @@
 //! certificates carry a non-empty subject, critical BasicConstraints
 //! `CA:TRUE`, critical KeyUsage `keyCertSign, cRLSign`, no EKU, and the trust
 //! domain's ID as URI SAN.
+//!
+//! Certificates are signed with the algorithm of the signing key
+//! ([`KeyType`](crate::keys::KeyType)): ECDSA P-256 with SHA-256, ECDSA P-384
+//! with SHA-384, or RSA PKCS#1 v1.5 with SHA-256. Leaves carry
+//! `digitalSignature` alone whatever their key type (X5-13, X5-18). An
+//! authority may be an intermediate below an upstream CA; the chains it
+//! hands out then carry it and the upstream certificates below the root
+//! ([`Authority::with_upstream_chain`]).
 
 mod check;
 mod csr;
@@ -70,6 +78,10 @@ pub struct Authority {
     issuer: Issuer<'static, KeyPair>,
     trust_domain: TrustDomain,
     not_after: SystemTime,
+    /// What follows a leaf it signs in the chain handed out: nothing for a
+    /// root; for an intermediate, its own certificate and the upstream
+    /// certificates above it, up to but excluding the root.
+    chain: Vec<CertificateDer<'static>>,
 }
 
 /// A leaf SVID just signed: the chain to hand out (leaf first) and its expiry.
@@ -84,14 +96,41 @@ pub struct IssuedSvid {
 // === impl Authority ===
 
 impl Authority {
-    /// Creates a self-signed root for a trust domain, with a new P-256 key.
+    /// Creates a self-signed root for a trust domain, with a new P-256 key,
+    /// valid from now for `ttl`.
     pub fn self_signed(td: &TrustDomain, ttl: Duration) -> Result<Self, IssueError> {
-        let key = PrivateKey::generate_p256()?;
+        Self::self_signed_with(td, PrivateKey::generate_p256()?, SystemTime::now(), ttl)
+    }
+
+    /// Creates a self-signed root for a trust domain over `key`, valid from
+    /// `now` (back-dated by [`BACKDATE`]) for `ttl`. Its signatures use the
+    /// key's algorithm.
+    pub fn self_signed_with(
+        td: &TrustDomain,
+        key: PrivateKey,
+        now: SystemTime,
+        ttl: Duration,
+    ) -> Result<Self, IssueError> {
         let pair = key.key_pair()?;
-        let now = SystemTime::now();
         let params = ca_params(td, now - BACKDATE, now + ttl);
         let cert = params.self_signed(&pair)?;
         Self::from_parts(td.clone(), cert.der().clone(), key)
+    }
+
+    /// Makes this authority an intermediate: the chains of the leaves it
+    /// signs go on with its own certificate and then `upstream`, the
+    /// certificates above it up to but excluding the root that verifiers
+    /// hold in their bundle.
+    #[must_use]
+    pub fn with_upstream_chain(mut self, upstream: Vec<CertificateDer<'static>>) -> Self {
+        self.chain = std::iter::once(self.cert.clone()).chain(upstream).collect();
+        self
+    }
+
+    /// The certificates that follow a leaf it signs (leaf excluded): empty
+    /// for a root.
+    pub fn chain(&self) -> &[CertificateDer<'static>] {
+        &self.chain
     }
 
     /// Rebuilds an authority from a stored certificate and key.
@@ -109,6 +148,7 @@ impl Authority {
             issuer,
             trust_domain,
             not_after,
+            chain: Vec::new(),
         })
     }
 
@@ -157,8 +197,11 @@ impl Authority {
         let params = leaf_params(&self.trust_domain, id, dns_names, now - BACKDATE, not_after)?;
         let cert = params.signed_by(public_key, &self.issuer)?;
 
+        let mut chain = Vec::with_capacity(1 + self.chain.len());
+        chain.push(cert.der().clone());
+        chain.extend(self.chain.iter().cloned());
         Ok(IssuedSvid {
-            chain: vec![cert.der().clone()],
+            chain,
             not_after: truncate_to_seconds(not_after),
         })
     }
@@ -169,6 +212,7 @@ impl std::fmt::Debug for Authority {
         f.debug_struct("Authority")
             .field("trust_domain", &self.trust_domain)
             .field("not_after", &self.not_after)
+            .field("intermediate", &!self.chain.is_empty())
             .field("key", &self.key)
             .finish()
     }

@@ -275,3 +275,189 @@ fn serials_are_random_and_positive() {
     assert_ne!(a, b);
     assert!(a[0] & 0x80 == 0 && a.len() == 16);
 }
+
+// === key types ===
+
+use std::sync::Arc;
+
+use rustls::pki_types::{ServerName, UnixTime};
+
+use crate::bundle::X509Bundle;
+use crate::keys::KeyType;
+use crate::tls::{SpiffeClientVerifier, SpiffeServerVerifier, SvidResolver, TrustStore};
+
+/// The signature algorithm OID of certificates signed by a key of `t`.
+fn signature_oid(t: KeyType) -> &'static str {
+    match t {
+        KeyType::EcP256 => "1.2.840.10045.4.3.2", // ecdsa-with-SHA256
+        KeyType::EcP384 => "1.2.840.10045.4.3.3", // ecdsa-with-SHA384
+        KeyType::Rsa2048 => "1.2.840.113549.1.1.11", // sha256WithRSAEncryption
+    }
+}
+
+fn signature_oid_of(der: &[u8]) -> String {
+    let (_, cert) = X509Certificate::from_der(der).unwrap();
+    cert.signature_algorithm.algorithm.to_id_string()
+}
+
+fn root_of(t: KeyType) -> Authority {
+    let key = PrivateKey::generate(t).unwrap();
+    Authority::self_signed_with(&td(), key, SystemTime::now(), Duration::from_secs(3600)).unwrap()
+}
+
+/// Signs a leaf for `id` over a new key of type `t` from a CSR, as the
+/// server does for agents.
+fn leaf_of(ca: &Authority, t: KeyType, id: &SpiffeId) -> (IssuedSvid, PrivateKey) {
+    let key = PrivateKey::generate(t).unwrap();
+    let csr = Csr::from_der(&build_csr(&key.key_pair().unwrap(), Some(id)).unwrap()).unwrap();
+    let svid = ca
+        .sign_leaf(csr.public_key(), id, &[], Duration::from_secs(600))
+        .unwrap();
+    (svid, key)
+}
+
+/// Runs a TLS handshake in memory between a server presenting `server` and
+/// a client presenting `client`, both verified against `bundle`.
+fn handshake(
+    bundle: &X509Bundle,
+    server: (&IssuedSvid, &PrivateKey, &SpiffeId),
+    client: (&IssuedSvid, &PrivateKey),
+) -> Result<(), rustls::Error> {
+    let store = Arc::new(TrustStore::new(bundle).unwrap());
+    let server_config = crate::tls::server_config(
+        Arc::new(SvidResolver::new(server.0.chain.clone(), server.1).unwrap()),
+        Arc::new(SpiffeClientVerifier::new(Arc::clone(&store))),
+    )
+    .unwrap();
+    let client_config = crate::tls::client_config(
+        Arc::new(SpiffeServerVerifier::new(store, server.2.clone())),
+        Some(Arc::new(
+            SvidResolver::new(client.0.chain.clone(), client.1).unwrap(),
+        )),
+    )
+    .unwrap();
+    let mut c = rustls::ClientConnection::new(
+        Arc::new(client_config),
+        ServerName::try_from("sigil").unwrap(),
+    )?;
+    let mut s = rustls::ServerConnection::new(Arc::new(server_config))?;
+    for _ in 0..16 {
+        if !c.is_handshaking() && !s.is_handshaking() {
+            return Ok(());
+        }
+        let mut buf = Vec::new();
+        c.write_tls(&mut buf).unwrap();
+        let mut rd = buf.as_slice();
+        while !rd.is_empty() {
+            s.read_tls(&mut rd).unwrap();
+            s.process_new_packets()?;
+        }
+        let mut buf = Vec::new();
+        s.write_tls(&mut buf).unwrap();
+        let mut rd = buf.as_slice();
+        while !rd.is_empty() {
+            c.read_tls(&mut rd).unwrap();
+            c.process_new_packets()?;
+        }
+    }
+    Err(rustls::Error::General("handshake did not finish".into()))
+}
+
+#[test]
+fn every_ca_key_type_signs_leaves_of_every_workload_key_type() {
+    let web = id("spiffe://example.org/web");
+    for ca_type in KeyType::ALL {
+        let ca = root_of(ca_type);
+        check_ca(ca.cert()).unwrap();
+        assert_eq!(signature_oid_of(ca.cert()), signature_oid(ca_type));
+        let bundle = X509Bundle::new(td(), vec![ca.cert().clone()]);
+        let store = TrustStore::new(&bundle).unwrap();
+        for leaf_type in [KeyType::EcP256, KeyType::Rsa2048] {
+            let case = format!("CA {ca_type}, leaf {leaf_type}");
+            let (svid, key) = leaf_of(&ca, leaf_type, &web);
+            assert_eq!(svid.chain.len(), 1, "{case}");
+            let leaf = &svid.chain[0];
+            assert_eq!(check_leaf(leaf).unwrap(), web, "{case}");
+            assert_eq!(signature_oid_of(leaf), signature_oid(ca_type), "{case}");
+            // X5-13, X5-18: digitalSignature only, RSA included.
+            let (_, cert) = X509Certificate::from_der(leaf).unwrap();
+            let ku = cert.key_usage().unwrap().unwrap();
+            assert!(ku.critical, "{case}");
+            assert_eq!(ku.value.flags, 1, "{case}: digitalSignature only");
+            for usage in [
+                webpki::KeyUsage::server_auth(),
+                webpki::KeyUsage::client_auth(),
+            ] {
+                let got = store
+                    .verify_svid(leaf, &svid.chain[1..], UnixTime::now(), usage)
+                    .unwrap();
+                assert_eq!(got, web, "{case}");
+            }
+            // Both ends of a TLS connection can present it and verify it.
+            let server_id = td().server_id();
+            let (server_svid, server_key) = leaf_of(&ca, leaf_type, &server_id);
+            handshake(
+                &bundle,
+                (&server_svid, &server_key, &server_id),
+                (&svid, &key),
+            )
+            .unwrap_or_else(|e| panic!("{case}: {e}"));
+        }
+    }
+}
+
+#[test]
+fn an_intermediate_authority_hands_out_its_chain() {
+    // An upstream root of one key type, a Sigil intermediate of another.
+    let root = root_of(KeyType::EcP384);
+    let root_pair = root.key().key_pair().unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_der(root.cert(), root_pair).unwrap();
+    let key = PrivateKey::generate(KeyType::EcP256).unwrap();
+    let now = SystemTime::now();
+    let cert = ca_params(&td(), now - BACKDATE, now + Duration::from_secs(600))
+        .signed_by(&key.key_pair().unwrap(), &issuer)
+        .unwrap();
+    check_ca(cert.der()).unwrap();
+    assert_eq!(signature_oid_of(cert.der()), signature_oid(KeyType::EcP384));
+    let intermediate = Authority::from_parts(td(), cert.der().clone(), key)
+        .unwrap()
+        .with_upstream_chain(Vec::new());
+    assert_eq!(intermediate.chain(), [cert.der().clone()]);
+
+    let web = id("spiffe://example.org/web");
+    let (svid, key) = leaf_of(&intermediate, KeyType::Rsa2048, &web);
+    assert_eq!(svid.chain.len(), 2, "leaf, then the intermediate");
+    assert_eq!(svid.chain[1], *cert.der());
+    check_leaf(&svid.chain[0]).unwrap();
+    // Verifiers hold only the root.
+    let bundle = X509Bundle::new(td(), vec![root.cert().clone()]);
+    let store = TrustStore::new(&bundle).unwrap();
+    let got = store
+        .verify_svid(
+            &svid.chain[0],
+            &svid.chain[1..],
+            UnixTime::now(),
+            webpki::KeyUsage::client_auth(),
+        )
+        .unwrap();
+    assert_eq!(got, web);
+    let server_id = td().server_id();
+    let (server_svid, server_key) = leaf_of(&intermediate, KeyType::EcP256, &server_id);
+    handshake(
+        &bundle,
+        (&server_svid, &server_key, &server_id),
+        (&svid, &key),
+    )
+    .unwrap();
+    // Without the intermediate the leaf does not chain to the root.
+    assert!(
+        store
+            .verify_svid(
+                &svid.chain[0],
+                &[],
+                UnixTime::now(),
+                webpki::KeyUsage::client_auth()
+            )
+            .is_err()
+    );
+}
