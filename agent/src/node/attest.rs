@@ -1,49 +1,42 @@
-//! Node attestation with a join token (`AgentApi/Attest`).
+//! Node attestation (`AgentApi/Attest`).
 //!
-//! The agent has no SVID yet, so it connects without a client certificate
-//! and verifies the server against the bootstrap bundle. It sends the token
-//! and a CSR for a new key; the server answers with the agent SVID and the
-//! trust domain's bundle.
+//! The agent has no usable SVID, so it connects without a client
+//! certificate and verifies the server against a bundle it already trusts.
+//! It sends its evidence and a CSR for a new key; for x509pop it then
+//! answers the server's challenge. The server answers with the agent SVID
+//! and the trust domain's bundle.
 
 use std::sync::Arc;
 
 use rustls_pki_types::CertificateDer;
 use sigil::TrustDomain;
-use sigil::bundle::X509Bundle;
 use sigil::keys::PrivateKey;
 use sigil::proto::sigil::agent::v1::agent_api_client::AgentApiClient;
 use sigil::proto::sigil::agent::v1::{
-    AgentSvid, AttestRequest, AttestationData, AttestationParams, attest_request, attest_response,
+    AgentSvid, AttestRequest, AttestationParams, attest_request, attest_response,
 };
 use sigil::tls::TrustStore;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::{NodeError, NodeIdentity, bundle_from_proto};
+use super::{Evidence, NodeError, NodeIdentity, bundle_from_proto};
 use crate::client;
-use crate::config::JoinToken;
 
-/// The attestor type of join tokens.
-const JOIN_TOKEN: &str = "join_token";
+/// Most challenges answered in one attestation.
+const MAX_CHALLENGES: usize = 4;
 
-/// Attests to the server at `address` with `token`, verifying the server
-/// against `bootstrap`, and returns the checked agent identity.
+/// Attests to the server at `address` with `evidence`, verifying the server
+/// against `trust`, and returns the checked agent identity.
 pub(crate) async fn attest(
     address: &str,
     td: &TrustDomain,
-    bootstrap: &X509Bundle,
-    token: &JoinToken,
+    trust: Arc<TrustStore>,
+    evidence: &Evidence,
 ) -> Result<NodeIdentity, NodeError> {
     let connect_error = |detail: String| NodeError::Connect {
         address: address.to_owned(),
         detail,
     };
-    let trust = Arc::new(
-        TrustStore::new(bootstrap).map_err(|e| NodeError::BootstrapBundle {
-            path: "(trust_bundle_path)".into(),
-            error: e.to_string(),
-        })?,
-    );
     let tls = client::tls_config(td, trust, None)?;
     let channel = client::connect(address, tls)
         .await
@@ -56,22 +49,17 @@ pub(crate) async fn attest(
         .map_err(|e| NodeError::Crypto(e.to_string()))?;
     let csr = sigil::x509::build_csr(&pair, None).map_err(|e| NodeError::Crypto(e.to_string()))?;
 
-    // The request stream stays open until the server has answered, as a
-    // challenge-response attestor would need.
-    let (requests, rx) = mpsc::channel(1);
+    // The request stream stays open until the server has answered, so that
+    // challenges can be answered on it.
+    let (requests, rx) = mpsc::channel(2);
     let params = AttestRequest {
         step: Some(attest_request::Step::Params(AttestationParams {
-            data: Some(AttestationData {
-                r#type: JOIN_TOKEN.to_owned(),
-                payload: token.expose().as_bytes().to_vec(),
-            }),
+            data: Some(evidence.data.clone()),
             csr,
         })),
     };
-    requests
-        .send(params)
-        .await
-        .map_err(|_| NodeError::InvalidAnswer("the attestation stream closed".into()))?;
+    let closed = || NodeError::InvalidAnswer("the attestation stream closed".into());
+    requests.send(params).await.map_err(|_| closed())?;
 
     let status_error = |status: tonic::Status| {
         if client::is_transport_failure(&status) {
@@ -89,25 +77,42 @@ pub(crate) async fn attest(
         .await
         .map_err(status_error)?
         .into_inner();
-    // A join token has no challenge: the first answer must be the SVID.
-    let answer = answers
-        .message()
-        .await
-        .map_err(status_error)?
-        .ok_or_else(|| {
-            NodeError::InvalidAnswer("the server ended attestation without an SVID".into())
-        })?;
-    let svid = match answer.step {
-        Some(attest_response::Step::Result(svid)) => svid,
-        Some(attest_response::Step::Challenge(_)) => {
-            return Err(NodeError::InvalidAnswer(
-                "the server sent a challenge, which join token attestation does not have".into(),
-            ));
-        }
-        None => {
-            return Err(NodeError::InvalidAnswer(
-                "an attestation answer without a step".into(),
-            ));
+    let mut challenges = 0;
+    let svid = loop {
+        let answer = answers
+            .message()
+            .await
+            .map_err(status_error)?
+            .ok_or_else(|| {
+                NodeError::InvalidAnswer("the server ended attestation without an SVID".into())
+            })?;
+        match answer.step {
+            Some(attest_response::Step::Result(svid)) => break svid,
+            Some(attest_response::Step::Challenge(challenge)) => {
+                let Some(prover) = &evidence.prover else {
+                    return Err(NodeError::InvalidAnswer(format!(
+                        "the server sent a challenge, which {} attestation does not have",
+                        evidence.data.r#type
+                    )));
+                };
+                challenges += 1;
+                if challenges > MAX_CHALLENGES {
+                    return Err(NodeError::InvalidAnswer(
+                        "the server sent too many challenges".into(),
+                    ));
+                }
+                let response = AttestRequest {
+                    step: Some(attest_request::Step::ChallengeResponse(
+                        prover.answer(&challenge)?,
+                    )),
+                };
+                requests.send(response).await.map_err(|_| closed())?;
+            }
+            None => {
+                return Err(NodeError::InvalidAnswer(
+                    "an attestation answer without a step".into(),
+                ));
+            }
         }
     };
     drop(requests);

@@ -1,9 +1,13 @@
-//! The agent's own identity: attestation with a join token, storage of the
-//! agent SVID, key and bundle in the data directory, and renewal of the SVID
-//! at half of its lifetime.
+//! The agent's own identity: node attestation (join token, x509pop,
+//! k8s_psat), storage of the agent SVID, key and bundle in the data
+//! directory, and renewal of the SVID at half of its lifetime. Agents whose
+//! attestor can attest again by itself (x509pop, k8s_psat) do so when the
+//! server no longer accepts their SVID.
 
 mod attest;
+mod evidence;
 mod renew;
+mod settings;
 mod storage;
 
 use std::time::SystemTime;
@@ -15,7 +19,9 @@ use sigil::proto::sigil::types::v1 as pb;
 use sigil::{SpiffeId, TrustDomain};
 
 pub(crate) use attest::attest;
-pub(crate) use renew::{Renewer, is_refusal};
+pub(crate) use evidence::Evidence;
+pub(crate) use renew::{Reattestation, Renewer, is_refusal};
+pub(crate) use settings::NodeAttestorConfig;
 pub(crate) use storage::{NotUsable, Storage};
 
 use crate::config::{Config, JoinToken, JoinTokenSource};
@@ -42,7 +48,7 @@ pub(crate) struct NodeIdentity {
 pub(crate) enum NodeError {
     /// Nothing stored, and nothing to attest with.
     #[error(
-        "no stored agent SVID and no join token: {0}; set join_token or join_token_file for the first attestation"
+        "no stored agent SVID and no join token: {0}; set join_token or join_token_file for the first attestation, or configure a [node_attestor] (x509pop, k8s_psat)"
     )]
     NoCredentials(NotUsable),
     /// The join token file cannot be read.
@@ -74,9 +80,12 @@ pub(crate) enum NodeError {
         /// The error chain, with the rustls error when TLS failed.
         detail: String,
     },
-    /// The server refused the join token.
+    /// The server refused the attestation.
     #[error("attestation refused: {0}")]
     AttestationRefused(String),
+    /// The node attestor's evidence cannot be read.
+    #[error("node attestor: {0}")]
+    Evidence(String),
     /// The server answered with something unusable.
     #[error("the server's answer is invalid: {0}")]
     InvalidAnswer(String),
@@ -185,7 +194,7 @@ pub(crate) fn bundle_from_proto(b: &pb::Bundle, td: &TrustDomain) -> Result<X509
 }
 
 /// Loads the stored agent SVID, or, when there is none usable, attests with
-/// the join token and stores the result.
+/// the configured node attestor and stores the result.
 pub(crate) async fn establish(
     config: &Config,
     storage: &Storage,
@@ -202,41 +211,60 @@ pub(crate) async fn establish(
         }
         Err(reason) => reason,
     };
-    let Some(source) = &config.join_token else {
-        return Err(NodeError::NoCredentials(reason));
+    let attestor = &config.node_attestor;
+    let evidence = if attestor.reattests() {
+        Evidence::read(attestor)?
+    } else {
+        let Some(source) = &config.join_token else {
+            return Err(NodeError::NoCredentials(reason));
+        };
+        let token = match source {
+            JoinTokenSource::Inline(t) => t.clone(),
+            JoinTokenSource::File(path) => {
+                JoinToken::read_file(path).map_err(|error| NodeError::TokenFile {
+                    path: path.display().to_string(),
+                    error,
+                })?
+            }
+        };
+        Evidence::join_token(&token)
     };
     if !matches!(reason, NotUsable::Missing(_)) {
-        tracing::warn!(reason = %reason, "the stored agent SVID cannot be used; attesting with the join token");
+        tracing::warn!(reason = %reason, "attestor" = attestor.name(), "the stored agent SVID cannot be used; attesting again");
     }
-    let token = match source {
-        JoinTokenSource::Inline(t) => t.clone(),
-        JoinTokenSource::File(path) => {
-            JoinToken::read_file(path).map_err(|error| NodeError::TokenFile {
-                path: path.display().to_string(),
-                error,
-            })?
+    let bootstrap = bootstrap_bundle(config, storage)?;
+    let trust = std::sync::Arc::new(sigil::tls::TrustStore::new(&bootstrap).map_err(|e| {
+        NodeError::BootstrapBundle {
+            path: "(trust bundle)".into(),
+            error: e.to_string(),
         }
+    })?);
+    let identity = attest(&config.server_address, td, trust, &evidence).await?;
+    storage.save(&identity)?;
+    tracing::info!(
+        spiffe.id = %identity.spiffe_id,
+        "attestor" = attestor.name(),
+        expires = %humantime::format_rfc3339_seconds(identity.not_after),
+        "attested to the server"
+    );
+    Ok(identity)
+}
+
+/// The bundle to verify the server with before the agent has an SVID: the
+/// configured `trust_bundle_path`, else (for an agent attesting again) the
+/// bundle stored with its last SVID.
+fn bootstrap_bundle(config: &Config, storage: &Storage) -> Result<X509Bundle, NodeError> {
+    let td = &config.trust_domain;
+    let Some(path) = config.trust_bundle_path.as_ref() else {
+        return storage.load_bundle(td).ok_or(NodeError::NoBootstrapBundle);
     };
-    let path = config
-        .trust_bundle_path
-        .as_ref()
-        .ok_or(NodeError::NoBootstrapBundle)?;
-    let bootstrap = std::fs::read(path)
+    std::fs::read(path)
         .map_err(|e| e.to_string())
         .and_then(|pem| X509Bundle::from_pem(td.clone(), &pem).map_err(|e| e.to_string()))
         .map_err(|error| NodeError::BootstrapBundle {
             path: path.display().to_string(),
             error,
-        })?;
-
-    let identity = attest(&config.server_address, td, &bootstrap, &token).await?;
-    storage.save(&identity)?;
-    tracing::info!(
-        spiffe.id = %identity.spiffe_id,
-        expires = %humantime::format_rfc3339_seconds(identity.not_after),
-        "attested to the server"
-    );
-    Ok(identity)
+        })
 }
 
 #[cfg(test)]

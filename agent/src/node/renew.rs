@@ -5,6 +5,12 @@
 //! backoff until the SVID expires; a refusal by the server (the agent was
 //! evicted) is final, except a ban, which is retried like a failure.
 //!
+//! An agent whose node attestor can attest again by itself (x509pop,
+//! k8s_psat; see [`Reattestation`]) does so instead of stopping when the
+//! server refuses its SVID or the SVID expired, retrying with exponential
+//! backoff (1 s to 60 s, with jitter) until the server accepts it again
+//! (e.g. once a ban is lifted).
+//!
 //! Another task that sees the server refuse the agent SVID asks for a
 //! renewal at once (at most every [`FORCED_RENEWAL_INTERVAL`]): either the
 //! server still accepts the agent and the new SVID fixes the refusal, or it
@@ -20,9 +26,17 @@ use sigil::tls::{SvidResolver, TrustStore};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{NodeError, NodeIdentity, Storage};
+use sigil::TrustDomain;
+
+use super::{Evidence, NodeAttestorConfig, NodeError, NodeIdentity, Storage, attest};
 use crate::client::{self, AgentChannel};
 use crate::retry::{Backoff, RepeatedErrors, Report};
+
+/// First delay between two re-attestation attempts.
+const REATTEST_BACKOFF_MIN: Duration = Duration::from_secs(1);
+
+/// Longest delay between two re-attestation attempts.
+const REATTEST_BACKOFF_MAX: Duration = Duration::from_secs(60);
 
 /// The shortest time between two renewals asked for by other tasks.
 pub(crate) const FORCED_RENEWAL_INTERVAL: Duration = Duration::from_secs(30);
@@ -37,6 +51,18 @@ pub(crate) struct Renewer {
     current: NodeIdentity,
     renew_now: Arc<Notify>,
     last_renewal: Option<Instant>,
+    reattestation: Option<Reattestation>,
+}
+
+/// What an agent needs to attest again by itself.
+#[derive(Debug, Clone)]
+pub(crate) struct Reattestation {
+    /// The server's agent API.
+    pub(crate) address: String,
+    /// The trust domain.
+    pub(crate) td: TrustDomain,
+    /// The node attestor, whose evidence is read again at each attempt.
+    pub(crate) attestor: NodeAttestorConfig,
 }
 
 /// One failed renewal.
@@ -66,7 +92,15 @@ impl Renewer {
             current,
             renew_now,
             last_renewal: None,
+            reattestation: None,
         }
+    }
+
+    /// Attests again with `reattestation` when the server refuses the SVID
+    /// or it expired, instead of stopping.
+    pub(crate) fn with_reattestation(mut self, reattestation: Option<Reattestation>) -> Self {
+        self.reattestation = reattestation;
+        self
     }
 
     /// Renews the SVID at each half-life, forever; returns only on a fatal
@@ -93,7 +127,7 @@ impl Renewer {
                     }
                     tracing::info!(
                         spiffe.id = %self.current.spiffe_id,
-                        "the server refused a call with the agent SVID; renewing it now"
+                        "agent SVID renewal requested; renewing it now"
                     );
                 }
             }
@@ -123,6 +157,13 @@ impl Renewer {
                     if let Err(e) = self.storage.remove_svid() {
                         tracing::warn!(error = %e, "cannot remove the refused agent SVID");
                     }
+                    if self.reattestation.is_some() {
+                        return self.reattest(&reason).await;
+                    }
+                    tracing::error!(
+                        reason = %reason,
+                        "the server refused the agent SVID; a new join token is needed to attest again"
+                    );
                     return Err(NodeError::Refused { reason });
                 }
                 Err(Failure::Retry(error)) => {
@@ -132,6 +173,15 @@ impl Renewer {
                         .duration_since(SystemTime::now())
                         .unwrap_or(Duration::ZERO);
                     if left.is_zero() {
+                        if self.reattestation.is_some() {
+                            return self
+                                .reattest(&format!("the agent SVID expired; last error: {error}"))
+                                .await;
+                        }
+                        tracing::error!(
+                            last_error = %error,
+                            "the agent SVID expired before it could be renewed; a new join token is needed to attest again"
+                        );
                         return Err(NodeError::Expired { last_error: error });
                     }
                     let delay = backoff.next_delay().min(left);
@@ -152,6 +202,77 @@ impl Renewer {
                 }
             }
         }
+    }
+
+    /// Attests again until the server accepts the agent, with backoff.
+    async fn reattest(&mut self, reason: &str) -> Result<(), NodeError> {
+        let Some(reattestation) = self.reattestation.clone() else {
+            return Err(NodeError::Refused {
+                reason: reason.to_owned(),
+            });
+        };
+        tracing::warn!(
+            spiffe.id = %self.current.spiffe_id,
+            reason = %reason,
+            attestor = reattestation.attestor.name(),
+            "the server no longer accepts the agent SVID; attesting again"
+        );
+        let mut backoff = Backoff::new(REATTEST_BACKOFF_MIN, REATTEST_BACKOFF_MAX);
+        let mut repeated = RepeatedErrors::default();
+        loop {
+            match self.attest_once(&reattestation).await {
+                Ok(identity) => {
+                    if let Err(e) = self.storage.save(&identity) {
+                        tracing::warn!(error = %e, "cannot store the new agent SVID");
+                    }
+                    if let Err(e) = self.trust.replace(&identity.bundle) {
+                        tracing::warn!(error = %e, "cannot use the bundle of the new agent SVID");
+                    }
+                    self.resolver
+                        .replace(identity.chain.clone(), &identity.key)
+                        .map_err(|e| NodeError::Crypto(e.to_string()))?;
+                    tracing::info!(
+                        spiffe.id = %identity.spiffe_id,
+                        attestor = reattestation.attestor.name(),
+                        expires = %humantime::format_rfc3339_seconds(identity.not_after),
+                        "attested to the server again"
+                    );
+                    self.current = identity;
+                    self.last_renewal = Some(Instant::now());
+                    self.channel.reconnect();
+                    return Ok(());
+                }
+                Err(error) => {
+                    let error = error.to_string();
+                    let delay = jitter(backoff.next_delay());
+                    match repeated.observe(&error) {
+                        Report::Warn => tracing::warn!(
+                            error = %error,
+                            retry_in = ?delay,
+                            "attesting again failed; retrying"
+                        ),
+                        Report::Quiet(n) => tracing::debug!(
+                            error = %error,
+                            retry_in = ?delay,
+                            repeated = n,
+                            "attesting again failed; retrying"
+                        ),
+                    }
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    async fn attest_once(&self, reattestation: &Reattestation) -> Result<NodeIdentity, NodeError> {
+        let evidence = Evidence::read(&reattestation.attestor)?;
+        attest(
+            &reattestation.address,
+            &reattestation.td,
+            Arc::clone(&self.trust),
+            &evidence,
+        )
+        .await
     }
 
     async fn renew_once(&mut self) -> Result<NodeIdentity, Failure> {
@@ -251,12 +372,21 @@ fn is_banned(status: &tonic::Status) -> bool {
         && status.metadata().get(BANNED_METADATA).is_some()
 }
 
-/// Half-way between `not_before` and `not_after`.
+/// `delay` scaled by a random factor from 0.75 to 1.25, at most
+/// [`REATTEST_BACKOFF_MAX`].
+fn jitter(delay: Duration) -> Duration {
+    delay
+        .mul_f64(0.75 + fastrand::f64() / 2.0)
+        .min(REATTEST_BACKOFF_MAX)
+}
+
+/// Half-way between signing (`not_before` plus the server's back-dating)
+/// and `not_after`.
 fn half_life(not_before: SystemTime, not_after: SystemTime) -> SystemTime {
-    let lifetime = not_after
-        .duration_since(not_before)
-        .unwrap_or(Duration::ZERO);
-    not_before + lifetime / 2
+    // The server back-dates notBefore; the lifetime runs from signing.
+    let issued = (not_before + sigil::x509::BACKDATE).min(not_after);
+    let lifetime = not_after.duration_since(issued).unwrap_or(Duration::ZERO);
+    issued + lifetime / 2
 }
 
 #[cfg(test)]
@@ -276,10 +406,26 @@ mod tests {
     }
 
     #[test]
+    fn reattestation_delays_are_jittered_and_capped() {
+        for _ in 0..100 {
+            let d = jitter(Duration::from_secs(8));
+            assert!(
+                (Duration::from_secs(6)..=Duration::from_secs(10)).contains(&d),
+                "{d:?}"
+            );
+            assert!(jitter(REATTEST_BACKOFF_MAX) <= REATTEST_BACKOFF_MAX);
+        }
+    }
+
+    #[test]
     fn renewal_is_due_at_half_life() {
-        let nb = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
-        let na = nb + Duration::from_secs(3600);
-        assert_eq!(half_life(nb, na), nb + Duration::from_secs(1800));
-        assert_eq!(half_life(na, nb), na);
+        let signed = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        let nb = signed - sigil::x509::BACKDATE;
+        let na = signed + Duration::from_secs(3600);
+        assert_eq!(half_life(nb, na), signed + Duration::from_secs(1800));
+        // A 20 s SVID is renewed 10 s after signing.
+        let short = signed + Duration::from_secs(20);
+        assert_eq!(half_life(nb, short), signed + Duration::from_secs(10));
+        assert_eq!(half_life(na, nb), nb);
     }
 }

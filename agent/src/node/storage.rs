@@ -149,6 +149,12 @@ impl Storage {
         self.write(SVID_FILE, pem.as_bytes(), false)
     }
 
+    /// The stored bundle, if there is a usable one.
+    pub(crate) fn load_bundle(&self, td: &TrustDomain) -> Option<X509Bundle> {
+        let pem = std::fs::read(self.path(BUNDLE_FILE)).ok()?;
+        X509Bundle::from_pem(td.clone(), &pem).ok()
+    }
+
     /// Stores the bundle.
     pub(crate) fn save_bundle(&self, bundle: &X509Bundle) -> Result<(), NodeError> {
         self.write(BUNDLE_FILE, bundle.to_pem().as_bytes(), false)

@@ -22,6 +22,8 @@ fn config(server: &FakeServer, data_dir: &std::path::Path, token: Option<&str>) 
         log_level: "info".into(),
         log_format: LogFormat::Text,
         workload_attestors: Default::default(),
+        workload_key_type: Default::default(),
+        node_attestor: Default::default(),
     }
 }
 
