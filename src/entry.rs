@@ -107,6 +107,15 @@ impl Entry {
                 "must have a path (a trust domain's own ID cannot be an SVID)",
             ));
         }
+        if is_reserved(&spiffe_id) {
+            return Err(field_error(
+                "spiffe_id",
+                &format!(
+                    "{:?} is under /sigil/, which is reserved for the server and agents",
+                    e.spiffe_id
+                ),
+            ));
+        }
         let parent_id = parse_id("parent_id", &e.parent_id, td)?;
 
         if e.selectors.is_empty() {
@@ -232,6 +241,19 @@ impl Entry {
             || self.x509_svid_ttl != new.x509_svid_ttl
     }
 }
+
+/// Whether `id` is under `/sigil/`, the paths of the server's and the
+/// agents' own IDs, which no entry may issue.
+fn is_reserved(id: &SpiffeId) -> bool {
+    let path = id.path();
+    path == RESERVED_PATH
+        || path
+            .strip_prefix(RESERVED_PATH)
+            .is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// The path prefix of the server's and the agents' own IDs.
+const RESERVED_PATH: &str = "/sigil";
 
 fn field_error(field: &str, reason: &str) -> FieldError {
     FieldError {
@@ -403,6 +425,18 @@ mod tests {
             (|e| e.expires_at = -1, "expires_at"),
             (|e| e.id = "has space".into(), "id"),
             (|e| e.id = "x".repeat(MAX_ENTRY_ID_LEN + 1), "id"),
+            (
+                |e| e.spiffe_id = "spiffe://example.org/sigil/server".into(),
+                "spiffe_id",
+            ),
+            (
+                |e| e.spiffe_id = "spiffe://example.org/sigil/agent/join_token/x".into(),
+                "spiffe_id",
+            ),
+            (
+                |e| e.spiffe_id = "spiffe://example.org/sigil".into(),
+                "spiffe_id",
+            ),
         ];
         for (mutate, field) in cases {
             let mut e = wire();
@@ -457,6 +491,21 @@ mod tests {
         }
         let entry: Entry = serde_json::from_value(stored).unwrap();
         assert_eq!(entry, Entry::from_proto(&wire(), &td()).unwrap());
+    }
+
+    #[test]
+    fn ids_under_sigil_are_reserved_but_parents_there_are_fine() {
+        let mut e = wire();
+        e.spiffe_id = "spiffe://example.org/sigil/server".into();
+        assert_eq!(
+            Entry::from_proto(&e, &td()).unwrap_err().to_string(),
+            "spiffe_id: \"spiffe://example.org/sigil/server\" is under /sigil/, which is reserved for the server and agents"
+        );
+        // A path that merely starts with the same letters is fine, and so is
+        // a parent under /sigil/ (agents and the server's alias entries).
+        e.spiffe_id = "spiffe://example.org/sigilant".into();
+        e.parent_id = "spiffe://example.org/sigil/server".into();
+        assert!(Entry::from_proto(&e, &td()).is_ok());
     }
 
     #[test]

@@ -7,6 +7,14 @@
 //!
 //! Expired entries (past their `expires_at`) entitle no agent to anything
 //! and are deleted by [`expiry::prune`].
+//!
+//! Node aliases: an entry whose parent is the server's own ID
+//! (`spiffe://<td>/sigil/server`) is an alias entry. Its SPIFFE ID is an
+//! alias of every attested, non-banned agent whose node selectors, with the
+//! implicit `spiffe_id:<agent ID>`, include all of the entry's selectors; the
+//! entries under an alias are entitled to each of those agents. Alias
+//! entries are indexed by their smallest selector, so resolving an agent's
+//! aliases looks only at the alias entries that can match it.
 
 pub(crate) mod expiry;
 
@@ -16,11 +24,15 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use sigil::entry::FieldError;
 use sigil::proto::sigil::types::v1 as pb;
-use sigil::{Entry, Selectors, SpiffeId, TrustDomain};
+use sigil::{Entry, Selector, Selectors, SpiffeId, TrustDomain};
 use tokio::sync::{Mutex, watch};
 
 use crate::clock;
-use crate::store::{Store, StoreError};
+use crate::store::{AgentRecord, Store, StoreError};
+
+/// The type of the node selector every attested agent has implicitly:
+/// `spiffe_id:<agent ID>`.
+pub(crate) const SPIFFE_ID_SELECTOR: &str = "spiffe_id";
 
 /// Why an entry could not be created, changed or deleted.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +89,15 @@ impl RegistryError {
                 _,
             ) => format!("{item}: {self}"),
             (Self::Invalid(_) | Self::ParentIsSelf, _) => format!("{item}.{self}"),
+        }
+    }
+
+    /// The message for a node alias made from the request field `field`
+    /// (the alias entry's SPIFFE ID): `alias_id: "spiffe://…" …`.
+    pub(crate) fn alias_message(&self, field: &str) -> String {
+        match self {
+            Self::Invalid(e) if e.field == "spiffe_id" => format!("{field}: {}", e.reason),
+            other => format!("{field}: {other}"),
         }
     }
 }
@@ -152,10 +173,16 @@ impl ListQuery<'_> {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Index {
+    /// The server's own ID: the parent of alias entries.
+    server_id: SpiffeId,
     entries: BTreeMap<String, Arc<Entry>>,
     by_parent: HashMap<SpiffeId, BTreeSet<String>>,
+    /// Alias entries by their smallest selector. An alias applies to an
+    /// agent only if that selector is among the agent's, so the agent's
+    /// own selectors find every candidate, each exactly once.
+    aliases: HashMap<Selector, BTreeSet<String>>,
 }
 
 /// All registration entries of the trust domain.
@@ -172,12 +199,36 @@ pub(crate) struct Registry {
 // === impl Index ===
 
 impl Index {
+    fn new(server_id: SpiffeId) -> Self {
+        Self {
+            server_id,
+            entries: BTreeMap::new(),
+            by_parent: HashMap::new(),
+            aliases: HashMap::new(),
+        }
+    }
+
+    /// The selector an alias entry is indexed under, if `entry` is one.
+    fn alias_key<'e>(&self, entry: &'e Entry) -> Option<&'e Selector> {
+        if entry.parent_id == self.server_id {
+            entry.selectors.iter().next()
+        } else {
+            None
+        }
+    }
+
     fn insert(&mut self, entry: Arc<Entry>) {
         self.remove(&entry.id);
         self.by_parent
             .entry(entry.parent_id.clone())
             .or_default()
             .insert(entry.id.clone());
+        if let Some(key) = self.alias_key(&entry) {
+            self.aliases
+                .entry(key.clone())
+                .or_default()
+                .insert(entry.id.clone());
+        }
         self.entries.insert(entry.id.clone(), entry);
     }
 
@@ -189,7 +240,28 @@ impl Index {
                 self.by_parent.remove(&old.parent_id);
             }
         }
+        if let Some(key) = self.alias_key(&old)
+            && let Some(ids) = self.aliases.get_mut(key)
+        {
+            ids.remove(id);
+            if ids.is_empty() {
+                self.aliases.remove(key);
+            }
+        }
         Some(old)
+    }
+
+    /// The aliases of an agent with the node selectors `node` (including
+    /// the implicit one) at `now`, sorted and without duplicates. Expired
+    /// alias entries give no alias.
+    fn aliases(&self, node: &Selectors, now: i64) -> BTreeSet<SpiffeId> {
+        node.iter()
+            .filter_map(|s| self.aliases.get(s))
+            .flatten()
+            .filter_map(|id| self.entries.get(id))
+            .filter(|e| !e.is_expired(now) && e.selectors.is_subset_of(node))
+            .map(|e| e.spiffe_id.clone())
+            .collect()
     }
 
     /// The ID of another entry registering the same thing as `entry`.
@@ -203,12 +275,19 @@ impl Index {
             .map(|other| other.id.clone())
     }
 
-    /// The entries `agent` is entitled to at `now`. An expired entry is
-    /// skipped, and so are the entries below it.
-    fn entitled(&self, agent: &SpiffeId, now: i64) -> Vec<Arc<Entry>> {
+    /// The entries an agent with the ID `agent` and the aliases `aliases`
+    /// is entitled to at `now`. An expired entry is skipped, and so are the
+    /// entries below it. The server's ID is never followed, so alias entries
+    /// themselves are never entitled.
+    fn entitled(&self, agent: &SpiffeId, aliases: BTreeSet<SpiffeId>, now: i64) -> Vec<Arc<Entry>> {
         let mut out = Vec::new();
-        let mut seen_parents = HashSet::from([agent.clone()]);
+        let mut seen_parents = HashSet::from([self.server_id.clone(), agent.clone()]);
         let mut queue = VecDeque::from([agent.clone()]);
+        for alias in aliases {
+            if seen_parents.insert(alias.clone()) {
+                queue.push_back(alias);
+            }
+        }
         while let Some(parent) = queue.pop_front() {
             let Some(ids) = self.by_parent.get(&parent) else {
                 continue;
@@ -230,7 +309,7 @@ impl Index {
 impl Registry {
     /// Loads every entry from the store.
     pub(crate) async fn load(td: TrustDomain, store: Arc<dyn Store>) -> Result<Self, StoreError> {
-        let mut index = Index::default();
+        let mut index = Index::new(td.server_id());
         for entry in store.list_entries().await? {
             index.insert(Arc::new(entry));
         }
@@ -258,12 +337,44 @@ impl Registry {
         self.read(|index| index.entries.get(id).cloned())
     }
 
-    /// The entries an agent is entitled to: those whose parent is the agent,
-    /// and recursively those whose parent is the SPIFFE ID of an entitled
-    /// entry. Expired entries are left out.
-    pub(crate) fn entitled(&self, agent: &SpiffeId) -> Vec<Arc<Entry>> {
+    /// The entries an agent is entitled to: those whose parent is the agent
+    /// or one of its aliases, and recursively those whose parent is the
+    /// SPIFFE ID of an entitled entry. Expired entries are left out; a
+    /// banned agent is entitled to nothing.
+    pub(crate) fn entitled(&self, agent: &AgentRecord) -> Vec<Arc<Entry>> {
+        if agent.banned {
+            return Vec::new();
+        }
         let now = clock::now_unix();
-        self.read(|index| index.entitled(agent, now))
+        let node = node_selectors(agent);
+        self.read(|index| {
+            let aliases = index.aliases(&node, now);
+            index.entitled(&agent.spiffe_id, aliases, now)
+        })
+    }
+
+    /// Creates the node alias `alias` of the agent `agent`: an entry with
+    /// the SPIFFE ID `alias`, the server's ID as parent and the single
+    /// selector `spiffe_id:<agent>`.
+    pub(crate) async fn create_alias(
+        &self,
+        alias: &str,
+        agent: &SpiffeId,
+    ) -> Result<Arc<Entry>, RegistryError> {
+        let item = pb::Entry {
+            spiffe_id: alias.to_owned(),
+            parent_id: self.td.server_id().to_string(),
+            selectors: vec![pb::Selector {
+                r#type: SPIFFE_ID_SELECTOR.to_owned(),
+                value: agent.to_string(),
+            }],
+            ..Default::default()
+        };
+        let _writer = self.writer.lock().await;
+        let mut results = [self.create_one(&item).await];
+        self.commit(&mut results).await;
+        let [result] = results;
+        result
     }
 
     /// How many entries pass the filters of `query`.
@@ -292,7 +403,8 @@ impl Registry {
         for id in &expired {
             results.push(self.delete_one(id).await);
         }
-        self.commit(results).await
+        self.commit(&mut results).await;
+        results
     }
 
     /// One page of entries, sorted by ID, and whether more follow.
@@ -326,7 +438,8 @@ impl Registry {
         for item in items {
             results.push(self.create_one(item).await);
         }
-        self.commit(results).await
+        self.commit(&mut results).await;
+        results
     }
 
     async fn create_one(&self, item: &pb::Entry) -> Result<Arc<Entry>, RegistryError> {
@@ -355,7 +468,8 @@ impl Registry {
         for item in items {
             results.push(self.update_one(item).await);
         }
-        self.commit(results).await
+        self.commit(&mut results).await;
+        results
     }
 
     async fn update_one(&self, item: &pb::Entry) -> Result<Arc<Entry>, RegistryError> {
@@ -381,7 +495,8 @@ impl Registry {
         for id in ids {
             results.push(self.delete_one(id).await);
         }
-        self.commit(results).await
+        self.commit(&mut results).await;
+        results
     }
 
     async fn delete_one(&self, id: &str) -> Result<Arc<Entry>, RegistryError> {
@@ -413,24 +528,20 @@ impl Registry {
 
     /// Flushes the store after a batch and notifies subscribers. If the
     /// flush fails, the changed items report it.
-    async fn commit(
-        &self,
-        mut results: Vec<Result<Arc<Entry>, RegistryError>>,
-    ) -> Vec<Result<Arc<Entry>, RegistryError>> {
+    async fn commit(&self, results: &mut [Result<Arc<Entry>, RegistryError>]) {
         if !results.iter().any(Result::is_ok) {
-            return results;
+            return;
         }
         let flushed = self.store.flush().await;
         self.changes.send_modify(|version| *version += 1);
         if let Err(e) = flushed {
             let message = e.to_string();
-            for result in &mut results {
+            for result in results.iter_mut() {
                 if result.is_ok() {
                     *result = Err(StoreError::Backend(message.clone()).into());
                 }
             }
         }
-        results
     }
 
     fn read<T>(&self, f: impl FnOnce(&Index) -> T) -> T {
@@ -442,6 +553,17 @@ impl Registry {
     fn modify<T>(&self, f: impl FnOnce(&mut Index) -> T) -> T {
         f(&mut self.index.write().unwrap_or_else(PoisonError::into_inner))
     }
+}
+
+/// An agent's node selectors with the implicit `spiffe_id:<agent ID>`. An
+/// ID too long to be a selector value gets no implicit selector (no alias
+/// entry could name it either).
+fn node_selectors(agent: &AgentRecord) -> Selectors {
+    let mut node = agent.selectors.clone();
+    if let Ok(own) = Selector::new(SPIFFE_ID_SELECTOR, agent.spiffe_id.as_str()) {
+        node.insert(own);
+    }
+    node
 }
 
 #[cfg(test)]

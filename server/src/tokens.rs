@@ -50,6 +50,8 @@ pub(crate) enum TokenError {
 pub(crate) struct NewToken {
     /// The secret to hand to the agent.
     pub(crate) token: Zeroizing<String>,
+    /// The token's public ID (not secret).
+    pub(crate) token_id: String,
     /// The SPIFFE ID the agent will get.
     pub(crate) agent_id: SpiffeId,
     /// Expiry in seconds since the Unix epoch.
@@ -60,8 +62,27 @@ impl fmt::Debug for NewToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("NewToken")
             .field("token", &"[elided]")
+            .field("token_id", &self.token_id)
             .field("agent_id", &self.agent_id)
             .field("expires_at", &self.expires_at)
+            .finish()
+    }
+}
+
+/// A token drawn but not stored yet. `Debug` elides the secret.
+pub(crate) struct PendingToken {
+    token: Zeroizing<String>,
+    token_id: String,
+    /// The SPIFFE ID the agent will get.
+    pub(crate) agent_id: SpiffeId,
+}
+
+impl fmt::Debug for PendingToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PendingToken")
+            .field("token", &"[elided]")
+            .field("token_id", &self.token_id)
+            .field("agent_id", &self.agent_id)
             .finish()
     }
 }
@@ -85,12 +106,18 @@ impl JoinTokens {
     }
 
     /// Makes a token for `agent_id` (or a derived ID when empty) that
-    /// expires after `ttl`. The token is durable when this returns.
-    pub(crate) async fn generate(
-        &self,
-        agent_id: &str,
-        ttl: Duration,
-    ) -> Result<NewToken, TokenError> {
+    /// expires after `ttl`, as [`JoinTokens::prepare`] then
+    /// [`JoinTokens::save`] do.
+    #[cfg(test)]
+    async fn generate(&self, agent_id: &str, ttl: Duration) -> Result<NewToken, TokenError> {
+        let pending = self.prepare(agent_id)?;
+        self.save(pending, ttl).await
+    }
+
+    /// Draws a token for `agent_id` (or a derived ID when empty) without
+    /// storing it yet, so that the agent ID is known before the token can
+    /// attest; [`JoinTokens::save`] makes it usable.
+    pub(crate) fn prepare(&self, agent_id: &str) -> Result<PendingToken, TokenError> {
         let mut secret = Zeroizing::new([0u8; 32]);
         self.rng
             .fill(secret.as_mut())
@@ -109,17 +136,34 @@ impl JoinTokens {
         } else {
             self.check_agent_id(agent_id)?
         };
+        Ok(PendingToken {
+            token,
+            token_id,
+            agent_id,
+        })
+    }
+
+    /// Stores a prepared token that expires after `ttl`. The token is
+    /// durable when this returns.
+    pub(crate) async fn save(
+        &self,
+        pending: PendingToken,
+        ttl: Duration,
+    ) -> Result<NewToken, TokenError> {
         let expires_at = clock::to_unix(SystemTime::now() + ttl);
         let record = JoinTokenRecord {
-            token_id,
-            agent_id: agent_id.clone(),
+            token_id: pending.token_id,
+            agent_id: pending.agent_id.clone(),
             expires_at,
         };
-        self.store.put_join_token(&digest(&token), &record).await?;
+        self.store
+            .put_join_token(&digest(&pending.token), &record)
+            .await?;
         self.store.flush().await?;
         Ok(NewToken {
-            token,
-            agent_id,
+            token: pending.token,
+            token_id: record.token_id,
+            agent_id: pending.agent_id,
             expires_at,
         })
     }
@@ -211,6 +255,25 @@ mod tests {
             tokens.consume(&new.token).await.unwrap_err().to_string(),
             "join token is not valid (unknown or already used)"
         );
+    }
+
+    #[tokio::test]
+    async fn a_prepared_token_attests_only_once_saved() {
+        let (tokens, _dir) = tokens();
+        let pending = tokens.prepare("spiffe://example.org/node/p").unwrap();
+        assert_eq!(pending.agent_id.as_str(), "spiffe://example.org/node/p");
+        assert!(!format!("{pending:?}").contains(pending.token.as_str()));
+        let secret = pending.token.as_str().to_owned();
+        assert!(matches!(
+            tokens.consume(&secret).await,
+            Err(TokenError::Invalid)
+        ));
+        let pending = tokens.prepare("").unwrap();
+        let secret = pending.token.as_str().to_owned();
+        let agent_id = pending.agent_id.clone();
+        let new = tokens.save(pending, DEFAULT_TTL).await.unwrap();
+        assert_eq!(new.agent_id, agent_id);
+        assert_eq!(tokens.consume(&secret).await.unwrap().agent_id, agent_id);
     }
 
     #[tokio::test]

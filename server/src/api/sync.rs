@@ -11,6 +11,7 @@ use tonic::Status;
 
 use super::agent::SyncStream;
 use super::{Services, agents};
+use crate::store::AgentRecord;
 
 /// Most known entries an agent may report.
 pub(crate) const MAX_KNOWN: usize = 100_000;
@@ -48,6 +49,7 @@ pub(crate) fn diff(held: &Revisions, entitled: &[Arc<Entry>]) -> SyncEntriesResp
         upserted,
         deleted,
         bundle: None,
+        tainted_authority_keys: Vec::new(),
     }
 }
 
@@ -63,6 +65,12 @@ fn revisions(entitled: &[Arc<Entry>]) -> Revisions {
 /// is evicted or banned. `agent_changes` must have been subscribed before
 /// the agent was authenticated, so that no eviction or ban in between is
 /// missed.
+///
+/// What the agent is entitled to is computed again after every entry
+/// change (alias entries included) and every change of agent records, with
+/// the agent's node selectors as its record holds them then, so the
+/// entries under a node alias follow the agent as it gains or loses the
+/// alias.
 pub(crate) fn stream(
     services: Arc<Services>,
     agent: SpiffeId,
@@ -75,11 +83,21 @@ pub(crate) fn stream(
     Box::pin(async_stream::stream! {
         changes.borrow_and_update();
         bundle_changes.borrow_and_update();
-        let entitled = services.registry.entitled(&agent);
+        agent_changes.borrow_and_update();
+        let mut record = match current_record(&services, &agent).await {
+            Ok(record) => record,
+            Err(status) => {
+                yield Err(status);
+                return;
+            }
+        };
+        let entitled = services.registry.entitled(&record);
         let mut first = diff(&known, &entitled);
         let bundle = services.ca.bundle_proto();
         let mut sent_sequence = bundle.sequence;
         first.bundle = Some(bundle);
+        let mut sent_tainted = services.ca.current().tainted.clone();
+        first.tainted_authority_keys = sent_tainted.clone();
         let mut held = revisions(&entitled);
         tracing::debug!(
             agent.id = %agent,
@@ -100,8 +118,8 @@ pub(crate) fn stream(
                     if changed.is_err() {
                         break shutting_down();
                     }
-                    match still_allowed(&services, &agent).await {
-                        Ok(()) => continue,
+                    match current_record(&services, &agent).await {
+                        Ok(now) => record = now,
                         Err(status) => {
                             tracing::info!(agent.id = %agent, reason = %status.message(), "entry sync closed");
                             break status;
@@ -115,14 +133,23 @@ pub(crate) fn stream(
                 }
                 () = shutdown.wait() => break shutting_down(),
             }
-            let entitled = services.registry.entitled(&agent);
+            let entitled = services.registry.entitled(&record);
             let mut update = diff(&held, &entitled);
             let bundle = services.ca.bundle_proto();
             if bundle.sequence != sent_sequence {
                 sent_sequence = bundle.sequence;
                 update.bundle = Some(bundle);
             }
-            if update.upserted.is_empty() && update.deleted.is_empty() && update.bundle.is_none() {
+            let tainted = &services.ca.current().tainted;
+            if *tainted != sent_tainted {
+                sent_tainted.clone_from(tainted);
+                update.tainted_authority_keys.clone_from(tainted);
+            }
+            if update.upserted.is_empty()
+                && update.deleted.is_empty()
+                && update.bundle.is_none()
+                && update.tainted_authority_keys.is_empty()
+            {
                 continue;
             }
             held = revisions(&entitled);
@@ -143,11 +170,14 @@ fn shutting_down() -> Status {
     Status::unavailable("server shutting down")
 }
 
-/// Whether `agent` is still attested and not banned.
-async fn still_allowed(services: &Services, agent: &SpiffeId) -> Result<(), Status> {
+/// The record of `agent`, which must still be attested and not banned.
+pub(crate) async fn current_record(
+    services: &Services,
+    agent: &SpiffeId,
+) -> Result<AgentRecord, Status> {
     match services.store.get_agent(agent).await {
         Ok(Some(record)) if record.banned => Err(agents::banned(agent)),
-        Ok(Some(_)) => Ok(()),
+        Ok(Some(record)) => Ok(record),
         Ok(None) => Err(agents::not_attested(agent)),
         Err(e) => Err(super::internal("reading the agent record", e)),
     }
@@ -199,6 +229,19 @@ mod tests {
         assert!(diff(&revisions(&entitled), &entitled).upserted.is_empty());
     }
 
+    fn attested(id: &SpiffeId) -> AgentRecord {
+        AgentRecord {
+            spiffe_id: id.clone(),
+            attestation_type: "join_token".into(),
+            serial: "01".into(),
+            previous_serial: None,
+            expires_at: i64::MAX,
+            created_at: 1,
+            banned: false,
+            selectors: sigil::Selectors::new(),
+        }
+    }
+
     fn published(authorities: &[&Arc<sigil::x509::Authority>], sequence: u64) -> Published {
         let td = TrustDomain::new("example.org").unwrap();
         let active = authorities[authorities.len() - 1];
@@ -210,24 +253,21 @@ mod tests {
                 authorities.iter().map(|a| a.cert().clone()).collect(),
             ),
             sequence,
+            tainted: Vec::new(),
         }
     }
 
-    #[tokio::test]
-    async fn a_bundle_change_is_pushed_on_an_open_stream() {
-        use futures::StreamExt;
-
+    /// Services over a fresh store and `ca`; keep the directory and the
+    /// shutdown trigger alive while they are used.
+    async fn services(ca: Arc<Ca>) -> (Arc<Services>, tempfile::TempDir, crate::shutdown::Trigger) {
         let td = TrustDomain::new("example.org").unwrap();
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn crate::store::Store> =
             Arc::new(crate::store::SledStore::open(dir.path()).unwrap());
         let ttl = std::time::Duration::from_secs(3600);
-        let first = Arc::new(sigil::x509::Authority::self_signed(&td, ttl).unwrap());
-        let second = Arc::new(sigil::x509::Authority::self_signed(&td, ttl).unwrap());
-        let ca = Arc::new(Ca::new(published(&[&first], 1), ttl));
-        let (_stop, shutdown) = crate::shutdown::channel();
+        let (stop, shutdown) = crate::shutdown::channel();
         let services = Arc::new(Services {
-            ca: Arc::clone(&ca),
+            ca,
             store: Arc::clone(&store),
             registry: Arc::new(
                 crate::registry::Registry::load(td.clone(), Arc::clone(&store))
@@ -239,8 +279,121 @@ mod tests {
             agent_svid_ttl: ttl,
             shutdown,
             agents: Default::default(),
+            svids: Default::default(),
         });
+        (services, dir, stop)
+    }
+
+    /// The IDs of the entries a message adds or changes, sorted.
+    fn upserted_ids(message: &SyncEntriesResponse) -> Vec<String> {
+        let mut ids: Vec<String> = message.upserted.iter().map(|e| e.id.clone()).collect();
+        ids.sort();
+        ids
+    }
+
+    #[tokio::test]
+    async fn entries_under_an_alias_follow_the_alias_and_the_agents_selectors() {
+        use futures::StreamExt;
+
+        let td = TrustDomain::new("example.org").unwrap();
+        let ttl = std::time::Duration::from_secs(3600);
+        let authority = Arc::new(sigil::x509::Authority::self_signed(&td, ttl).unwrap());
+        let ca = Arc::new(Ca::new(published(&[&authority], 1), ttl));
+        let (services, _dir, _stop) = services(ca).await;
+        let agent: SpiffeId = "spiffe://example.org/sigil/agent/x509pop/1"
+            .parse()
+            .unwrap();
+        let mut record = attested(&agent);
+        services.store.put_agent(&record).await.unwrap();
+        let changes = services.agents.changes.subscribe();
+        let mut sync = stream(Arc::clone(&services), agent, Revisions::new(), changes);
+        let initial = sync.next().await.unwrap().unwrap();
+        assert!(initial.upserted.is_empty() && initial.deleted.is_empty());
+
+        let wire = |spiffe_id: &str, parent_id: &str, selector: (&str, &str)| pb::Entry {
+            spiffe_id: spiffe_id.into(),
+            parent_id: parent_id.into(),
+            selectors: vec![pb::Selector {
+                r#type: selector.0.into(),
+                value: selector.1.into(),
+            }],
+            ..Default::default()
+        };
+        let registry = &services.registry;
+        let child = registry
+            .create(&[wire(
+                "spiffe://example.org/app",
+                "spiffe://example.org/nodes/web",
+                ("unix", "uid:1"),
+            )])
+            .await
+            .remove(0)
+            .unwrap();
+        let alias = registry
+            .create(&[wire(
+                "spiffe://example.org/nodes/web",
+                "spiffe://example.org/sigil/server",
+                ("x509pop", "subject:cn:web"),
+            )])
+            .await
+            .remove(0)
+            .unwrap();
+
+        // The agent attests again, now with the alias's selector: the
+        // entry under the alias arrives (the alias entry itself does not).
+        record.selectors = ["x509pop:subject:cn:web".parse().unwrap()]
+            .into_iter()
+            .collect();
+        services.store.put_agent(&record).await.unwrap();
+        services.agents.changes.send_modify(|n| *n += 1);
+        let update = sync.next().await.unwrap().unwrap();
+        assert_eq!(upserted_ids(&update), [child.id.as_str()]);
+
+        // The alias entry is deleted: the entry leaves the agent.
+        registry.delete(std::slice::from_ref(&alias.id)).await;
+        let update = sync.next().await.unwrap().unwrap();
+        assert!(update.upserted.is_empty());
+        assert_eq!(update.deleted, [child.id.as_str()]);
+
+        // A new alias entry naming the agent by its SPIFFE ID brings it
+        // back.
+        registry
+            .create(&[wire(
+                "spiffe://example.org/nodes/web",
+                "spiffe://example.org/sigil/server",
+                ("spiffe_id", "spiffe://example.org/sigil/agent/x509pop/1"),
+            )])
+            .await
+            .remove(0)
+            .unwrap();
+        let update = sync.next().await.unwrap().unwrap();
+        assert_eq!(upserted_ids(&update), [child.id.as_str()]);
+
+        // Banned: the stream closes.
+        record.banned = true;
+        services.store.put_agent(&record).await.unwrap();
+        services.agents.changes.send_modify(|n| *n += 1);
+        let status = sync.next().await.unwrap().unwrap_err();
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+        assert_eq!(
+            status.message(),
+            "agent spiffe://example.org/sigil/agent/x509pop/1 is banned"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_bundle_change_is_pushed_on_an_open_stream() {
+        use futures::StreamExt;
+
+        let td = TrustDomain::new("example.org").unwrap();
+        let ttl = std::time::Duration::from_secs(3600);
+        let first = Arc::new(sigil::x509::Authority::self_signed(&td, ttl).unwrap());
+        let second = Arc::new(sigil::x509::Authority::self_signed(&td, ttl).unwrap());
+        let ca = Arc::new(Ca::new(published(&[&first], 1), ttl));
+        let (services, _dir, _stop) = services(Arc::clone(&ca)).await;
         let agent: SpiffeId = "spiffe://example.org/agent".parse().unwrap();
+        let store = Arc::clone(&services.store);
+        store.put_agent(&attested(&agent)).await.unwrap();
         let changes = services.agents.changes.subscribe();
         let mut sync = stream(services, agent, Revisions::new(), changes);
 

@@ -4,7 +4,7 @@ use sigil::proto::sigil::types::v1 as pb;
 use sigil::{SpiffeId, TrustDomain};
 
 use super::{ListQuery, Registry, RegistryError, SelectorMatch};
-use crate::store::SledStore;
+use crate::store::{AgentRecord, SledStore};
 
 const AGENT: &str = "spiffe://example.org/sigil/agent/join_token/a1";
 
@@ -39,6 +39,25 @@ fn wire(spiffe_id: &str, parent_id: &str, uid: &str) -> pb::Entry {
 
 fn id(s: &str) -> SpiffeId {
     s.parse().unwrap()
+}
+
+/// An attested agent with the node selectors `node`.
+fn agent_with(spiffe_id: &str, node: &[&str]) -> AgentRecord {
+    AgentRecord {
+        spiffe_id: id(spiffe_id),
+        attestation_type: "join_token".into(),
+        serial: "01".into(),
+        previous_serial: None,
+        expires_at: i64::MAX,
+        created_at: 1,
+        banned: false,
+        selectors: node.iter().map(|s| s.parse().unwrap()).collect(),
+    }
+}
+
+/// The join-token agent [`AGENT`], without node selectors.
+fn agent() -> AgentRecord {
+    agent_with(AGENT, &[])
 }
 
 async fn create(registry: &Registry, entry: pb::Entry) -> Arc<sigil::Entry> {
@@ -82,7 +101,7 @@ async fn entitlement_follows_nested_parents() {
     .await;
 
     assert_eq!(
-        spiffe_ids(&r.entitled(&id(AGENT))),
+        spiffe_ids(&r.entitled(&agent())),
         [
             "spiffe://example.org/node",
             "spiffe://example.org/web",
@@ -106,10 +125,14 @@ async fn entitlement_terminates_on_a_cycle() {
         wire("spiffe://example.org/a", "spiffe://example.org/b", "2"),
     )
     .await;
-    // An entry naming the agent itself as SPIFFE ID under one of its own.
-    create(r, wire(AGENT, "spiffe://example.org/b", "3")).await;
+    // An entry naming the first one's SPIFFE ID again, deeper down.
+    create(
+        r,
+        wire("spiffe://example.org/b", "spiffe://example.org/a", "3"),
+    )
+    .await;
 
-    let entitled = r.entitled(&id(AGENT));
+    let entitled = r.entitled(&agent());
     assert_eq!(entitled.len(), 4);
     assert_eq!(
         spiffe_ids(&entitled),
@@ -117,7 +140,7 @@ async fn entitlement_terminates_on_a_cycle() {
             "spiffe://example.org/a",
             "spiffe://example.org/a",
             "spiffe://example.org/b",
-            AGENT
+            "spiffe://example.org/b",
         ]
     );
 }
@@ -159,11 +182,23 @@ async fn invalid_fields_are_named() {
         "{err}"
     );
 
-    bad.spiffe_id = AGENT.into();
-    let err = r.create(&[bad]).await.remove(0).unwrap_err();
+    bad.spiffe_id = "spiffe://example.org/node".into();
+    bad.parent_id = "spiffe://example.org/node".into();
+    let err = r.create(&[bad.clone()]).await.remove(0).unwrap_err();
     assert_eq!(
         err.item_message("entries[0]", None),
         "entries[0].parent_id: must differ from spiffe_id"
+    );
+
+    bad.spiffe_id = AGENT.into();
+    bad.parent_id = "spiffe://example.org/node".into();
+    let err = r.create(&[bad]).await.remove(0).unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert_eq!(
+        err.item_message("entries[0]", None),
+        format!(
+            "entries[0].spiffe_id: \"{AGENT}\" is under /sigil/, which is reserved for the server and agents"
+        )
     );
 }
 
@@ -206,7 +241,7 @@ async fn delete_removes_from_entitlement_and_unknown_ids_are_not_found() {
     let results = r.delete(&[e.id.clone(), e.id.clone()]).await;
     assert_eq!(results[0].as_ref().unwrap().id, e.id);
     assert!(matches!(results[1], Err(RegistryError::NotFound(_))));
-    assert!(r.entitled(&id(AGENT)).is_empty());
+    assert!(r.entitled(&agent()).is_empty());
 }
 
 #[tokio::test]
@@ -222,7 +257,7 @@ async fn entries_survive_a_reload() {
     let store = Arc::new(SledStore::open(&path).unwrap());
     let r = Registry::load(td, store).await.unwrap();
     assert_eq!(r.get(&created.id).unwrap(), created);
-    assert_eq!(r.entitled(&id(AGENT)).len(), 1);
+    assert_eq!(r.entitled(&agent()).len(), 1);
 }
 
 #[tokio::test]
@@ -449,7 +484,7 @@ async fn expired_entries_and_those_below_them_are_not_entitled() {
     create(r, future).await;
 
     assert_eq!(
-        spiffe_ids(&r.entitled(&id(AGENT))),
+        spiffe_ids(&r.entitled(&agent())),
         ["spiffe://example.org/later"]
     );
 }
@@ -511,5 +546,7 @@ async fn an_entry_stored_before_the_newer_fields_loads() {
     assert!(entry.federates_with.is_empty());
     assert!(!entry.admin && !entry.downstream);
     assert_eq!(entry.expires_at, None);
-    assert_eq!(r.entitled(&id(AGENT)).len(), 1);
+    assert_eq!(r.entitled(&agent()).len(), 1);
 }
+
+mod aliases;
