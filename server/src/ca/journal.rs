@@ -9,6 +9,11 @@
 //! - an old authority leaves the bundle at its retirement time: its
 //!   deactivation plus the longest SVID lifetime it could have issued,
 //!   capped by its notAfter.
+//!
+//! The operator may also prepare and activate early, taint a non-active
+//! authority (agents replace every SVID it signed; it stays in the bundle
+//! until its retirement), and revoke a tainted one (it leaves the bundle at
+//! once; its record stays until its notAfter so that it can be shown).
 
 use serde::{Deserialize, Serialize};
 
@@ -22,6 +27,18 @@ pub(crate) enum AuthorityState {
     Active,
     /// Replaced; kept in the bundle while SVIDs it signed may be live.
     Old,
+    /// Not trusted any more: agents replace the SVIDs it signed; kept in
+    /// the bundle until its retirement or revocation.
+    Tainted,
+    /// Out of the bundle; its key is deleted.
+    Revoked,
+}
+
+impl AuthorityState {
+    /// Whether its certificate is in the bundle.
+    pub(crate) fn in_bundle(self) -> bool {
+        self != Self::Revoked
+    }
 }
 
 /// One authority in the journal. Times are seconds since the Unix epoch.
@@ -41,6 +58,12 @@ pub(crate) struct AuthorityRecord {
     pub(crate) deactivated_at: Option<i64>,
     /// When it leaves the bundle (set when it becomes old).
     pub(crate) retire_at: Option<i64>,
+    /// When it was tainted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) tainted_at: Option<i64>,
+    /// When it was revoked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) revoked_at: Option<i64>,
 }
 
 impl AuthorityRecord {
@@ -109,9 +132,12 @@ impl Journal {
         };
         for record in &self.authorities {
             let retire_at = match record.state {
-                AuthorityState::Old => record.retire_at.unwrap_or(record.not_after),
-                // A prepared authority that expired unused is dropped.
-                AuthorityState::Prepared => record.not_after,
+                AuthorityState::Old | AuthorityState::Tainted => {
+                    record.retire_at.unwrap_or(record.not_after)
+                }
+                // A prepared authority that expired unused is dropped, and
+                // so is a revoked one's record.
+                AuthorityState::Prepared | AuthorityState::Revoked => record.not_after,
                 AuthorityState::Active => continue,
             };
             // On a tie, retire first: the bundle never holds more than
@@ -164,13 +190,119 @@ impl Journal {
 
     /// Removes an authority; returns whether it was there.
     pub(crate) fn retire(&mut self, id: &str) -> bool {
-        let before = self.authorities.len();
-        self.authorities.retain(|a| a.id != id);
-        let removed = self.authorities.len() != before;
-        if removed {
+        let Some(index) = self.authorities.iter().position(|a| a.id == id) else {
+            return false;
+        };
+        let removed = self.authorities.remove(index);
+        if removed.state.in_bundle() {
             self.sequence += 1;
         }
-        removed
+        true
+    }
+
+    /// The authority with this ID.
+    pub(crate) fn get(&self, id: &str) -> Option<&AuthorityRecord> {
+        self.authorities.iter().find(|a| a.id == id)
+    }
+
+    /// The IDs of the authorities whose SVIDs must be replaced: tainted or
+    /// revoked.
+    pub(crate) fn tainted_ids(&self) -> impl Iterator<Item = &str> {
+        self.authorities
+            .iter()
+            .filter(|a| matches!(a.state, AuthorityState::Tainted | AuthorityState::Revoked))
+            .map(|a| a.id.as_str())
+    }
+
+    /// Marks authority `id` as tainted at `now`. Only a prepared or old
+    /// authority can be: the active one must first be replaced.
+    pub(crate) fn taint(&mut self, id: &str, now: i64) -> Result<(), Refusal> {
+        let record = self
+            .authorities
+            .iter_mut()
+            .find(|a| a.id == id)
+            .ok_or_else(|| Refusal::Unknown(id.to_owned()))?;
+        match record.state {
+            AuthorityState::Prepared | AuthorityState::Old => {
+                record.state = AuthorityState::Tainted;
+                record.tainted_at = Some(now);
+                Ok(())
+            }
+            AuthorityState::Active => Err(Refusal::TaintActive(id.to_owned())),
+            AuthorityState::Tainted | AuthorityState::Revoked => {
+                Err(Refusal::AlreadyTainted(id.to_owned(), record.state))
+            }
+        }
+    }
+
+    /// Revokes tainted authority `id` at `now`: it leaves the bundle.
+    pub(crate) fn revoke(&mut self, id: &str, now: i64) -> Result<(), Refusal> {
+        let record = self
+            .authorities
+            .iter_mut()
+            .find(|a| a.id == id)
+            .ok_or_else(|| Refusal::Unknown(id.to_owned()))?;
+        match record.state {
+            AuthorityState::Tainted => {
+                record.state = AuthorityState::Revoked;
+                record.revoked_at = Some(now);
+                self.sequence += 1;
+                Ok(())
+            }
+            AuthorityState::Revoked => Err(Refusal::AlreadyRevoked(id.to_owned())),
+            state => Err(Refusal::NotTainted(id.to_owned(), state)),
+        }
+    }
+}
+
+/// Why an operator's change of the journal is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum Refusal {
+    /// No authority has this ID.
+    #[error("no X.509 authority with SKI {0:?}")]
+    Unknown(String),
+    /// The active authority cannot be tainted.
+    #[error(
+        "X.509 authority {0:?} is the active one and cannot be tainted; activate another first"
+    )]
+    TaintActive(String),
+    /// Tainted or revoked already.
+    #[error("X.509 authority {:?} is already {}", .0, state_name(*.1))]
+    AlreadyTainted(String, AuthorityState),
+    /// Only a tainted authority can be revoked.
+    #[error("X.509 authority {:?} is {}, not tainted; taint it first", .0, state_name(*.1))]
+    NotTainted(String, AuthorityState),
+    /// Revoked already.
+    #[error("X.509 authority {0:?} is already revoked")]
+    AlreadyRevoked(String),
+    /// Only the prepared authority can be activated.
+    #[error("X.509 authority {:?} is {}, not prepared", .0, state_name(*.1))]
+    NotPrepared(String, AuthorityState),
+    /// There is a prepared authority already.
+    #[error("X.509 authority {0:?} is already prepared; activate it first")]
+    AlreadyPrepared(String),
+    /// It still signed SVIDs that are live.
+    #[error(
+        "X.509 authority {id:?} still has {svids} live SVIDs on {agents} agents; revoke with force to revoke anyway"
+    )]
+    LiveSvids {
+        /// The authority.
+        id: String,
+        /// Its live SVIDs.
+        svids: usize,
+        /// The agents holding them.
+        agents: usize,
+    },
+}
+
+/// The lowercase name of a state, as shown to operators.
+pub(crate) fn state_name(state: AuthorityState) -> &'static str {
+    match state {
+        AuthorityState::Prepared => "prepared",
+        AuthorityState::Active => "active",
+        AuthorityState::Old => "old",
+        AuthorityState::Tainted => "tainted",
+        AuthorityState::Revoked => "revoked",
     }
 }
 
@@ -187,7 +319,60 @@ mod tests {
             activated_at: None,
             deactivated_at: None,
             retire_at: None,
+            tainted_at: None,
+            revoked_at: None,
         }
+    }
+
+    #[test]
+    fn only_a_non_active_authority_can_be_tainted_and_only_a_tainted_one_revoked() {
+        let mut journal = Journal::default();
+        journal.activate(record("a", 0, 180), 0, 30);
+        journal.prepare(record("b", 90, 180));
+        assert_eq!(
+            journal.taint("a", 100),
+            Err(Refusal::TaintActive("a".into()))
+        );
+        assert_eq!(
+            journal.taint("zz", 100).unwrap_err().to_string(),
+            r#"no X.509 authority with SKI "zz""#
+        );
+        assert_eq!(
+            journal.revoke("b", 100).unwrap_err().to_string(),
+            r#"X.509 authority "b" is prepared, not tainted; taint it first"#
+        );
+
+        let b = journal.prepared().cloned().unwrap();
+        journal.activate(b, 110, 30);
+        let sequence = journal.sequence;
+        journal.taint("a", 120).unwrap();
+        assert_eq!(journal.sequence, sequence, "tainting keeps the bundle");
+        assert_eq!(journal.get("a").unwrap().state, AuthorityState::Tainted);
+        assert_eq!(journal.get("a").unwrap().tainted_at, Some(120));
+        assert_eq!(journal.tainted_ids().collect::<Vec<_>>(), ["a"]);
+        assert_eq!(
+            journal.taint("a", 121),
+            Err(Refusal::AlreadyTainted("a".into(), AuthorityState::Tainted))
+        );
+        // A tainted authority still retires on schedule.
+        assert_eq!(journal.next_event(120), (140, Event::Retire("a".into())));
+
+        journal.revoke("a", 130).unwrap();
+        assert_eq!(
+            journal.sequence,
+            sequence + 1,
+            "revocation changes the bundle"
+        );
+        assert!(!journal.get("a").unwrap().state.in_bundle());
+        assert_eq!(journal.tainted_ids().collect::<Vec<_>>(), ["a"]);
+        assert_eq!(
+            journal.revoke("a", 131),
+            Err(Refusal::AlreadyRevoked("a".into()))
+        );
+        // Its record goes at its notAfter, without another bundle change.
+        assert_eq!(journal.next_event(130), (180, Event::Retire("a".into())));
+        assert!(journal.retire("a"));
+        assert_eq!(journal.sequence, sequence + 1);
     }
 
     #[test]
@@ -244,6 +429,12 @@ mod tests {
         journal.prepare(record("b", 90, 180));
         let json = serde_json::to_string(&journal).unwrap();
         assert!(json.contains(r#""state":"prepared""#), "{json}");
+        assert!(!json.contains("tainted_at"), "{json}");
+        let back: Journal = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, journal);
+        journal.taint("b", 100).unwrap();
+        let json = serde_json::to_string(&journal).unwrap();
+        assert!(json.contains(r#""state":"tainted""#), "{json}");
         let back: Journal = serde_json::from_str(&json).unwrap();
         assert_eq!(back, journal);
     }

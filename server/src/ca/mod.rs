@@ -8,14 +8,24 @@
 //! in the journal, where `<id>` is the hex subject key identifier. A CA kept
 //! by earlier versions in `cert.pem`/`key.pem` is taken into the journal as
 //! the active authority.
+//!
+//! The [key manager](keys) decides the authorities' key type, whether their
+//! keys are kept in those files (`disk`) or in memory only (`memory`), and
+//! whether they are self-signed or intermediates signed by an
+//! [upstream authority](upstream), whose roots then form the bundle.
 
 pub(crate) mod journal;
+pub(crate) mod keys;
+pub(crate) mod live;
 pub(crate) mod rotation;
 pub(crate) mod server_svid;
+pub(crate) mod upstream;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
+#[cfg(test)]
+use std::time::SystemTime;
 
 use arc_swap::ArcSwap;
 use rustls_pki_types::CertificateDer;
@@ -55,6 +65,9 @@ pub(crate) enum CaError {
     /// The journal could not be read or written.
     #[error("authority journal: {0}")]
     Store(#[from] StoreError),
+    /// A new authority key could not be generated.
+    #[error("generating an authority key: {0}")]
+    KeyGeneration(String),
     /// The journal has no usable signing authority.
     #[error("authority journal: no active authority")]
     NoActive,
@@ -71,6 +84,9 @@ pub(crate) struct Published {
     pub(crate) bundle: X509Bundle,
     /// The bundle's sequence number.
     pub(crate) sequence: u64,
+    /// Subject key identifiers of the tainted and revoked authorities,
+    /// whose SVIDs agents replace.
+    pub(crate) tainted: Vec<Vec<u8>>,
 }
 
 /// The signing authority and the bundle, as the services read them; the
@@ -134,7 +150,8 @@ impl Ca {
     }
 }
 
-/// Creates a self-signed authority valid from `now` for `ttl`.
+/// Creates a self-signed P-256 authority valid from `now` for `ttl`.
+#[cfg(test)]
 pub(crate) fn new_authority(
     td: &TrustDomain,
     now: SystemTime,

@@ -1,21 +1,33 @@
 //! Scheduled rotation of the X.509 signing authority: a state machine over
 //! the [journal](super::journal), driven by tokio time, that persists every
-//! step in the store before the services see it.
+//! step in the store before the services see it. The operator's changes
+//! (prepare, activate, taint, revoke) go through the same schedule, under
+//! the same lock, and wake the loop so that it reschedules.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+#[cfg(test)]
+use std::path::Path;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use sigil::TrustDomain;
-use sigil::bundle::X509Bundle;
 use sigil::x509::Authority;
 
-use super::journal::{AuthorityRecord, AuthorityState, Event, Journal};
-use super::{Ca, CaError, Published};
+use rustls_pki_types::CertificateDer;
+
+use super::journal::{AuthorityRecord, AuthorityState, Event, Journal, Refusal};
+use super::keys::KeyManager;
+use super::live::LiveSvids;
+use super::{CaError, Published};
 use crate::clock::{self, Clock};
 use crate::shutdown::Shutdown;
 use crate::store::Store;
+
+mod operator;
+
+use operator::unhex;
+pub(crate) use operator::{Authorities, Operation, OperationError};
 
 /// The longest the schedule sleeps before it reads the wall clock again, so
 /// that a wall clock that jumps is noticed.
@@ -52,11 +64,31 @@ pub(crate) fn cap_svid_ttl(setting: &str, ttl: Duration, ca_ttl: Duration) -> Du
     }
 }
 
+/// Warns about each entry whose `x509_svid_ttl` exceeds `max` (a sixth of
+/// ca_ttl): its SVIDs are issued with `max` instead.
+pub(crate) fn warn_capped_entries<'a>(
+    entries: impl IntoIterator<Item = &'a sigil::Entry>,
+    max: Duration,
+) {
+    for entry in entries {
+        if let Some(ttl) = entry.x509_svid_ttl.filter(|ttl| *ttl > max) {
+            tracing::warn!(
+                entry.id = %entry.id,
+                spiffe.id = %entry.spiffe_id,
+                x509_svid_ttl = %humantime::format_duration(ttl),
+                capped_to = %humantime::format_duration(max),
+                "the entry's x509_svid_ttl is longer than a sixth of ca_ttl; its SVIDs are issued with the cap"
+            );
+        }
+    }
+}
+
 /// The journal, the authorities' keys, and where they are kept.
 #[derive(Debug)]
 pub(crate) struct Schedule {
     store: Arc<dyn Store>,
     dir: PathBuf,
+    keys: Arc<KeyManager>,
     td: TrustDomain,
     ca_ttl: Duration,
     clock: Clock,
@@ -65,8 +97,9 @@ pub(crate) struct Schedule {
 }
 
 impl Schedule {
-    /// Reads the journal and the authorities' files, and applies every step
-    /// that is due, so that there is an active authority.
+    /// [`Schedule::load_with`] self-signed P-256 authorities kept in files
+    /// in `dir`.
+    #[cfg(test)]
     pub(crate) async fn load(
         store: Arc<dyn Store>,
         dir: &Path,
@@ -74,16 +107,26 @@ impl Schedule {
         ca_ttl: Duration,
         clock: Clock,
     ) -> Result<Self, CaError> {
-        super::create_private_dir(dir)?;
+        let keys = Arc::new(KeyManager::disk(dir));
+        Self::load_with(store, keys, td, ca_ttl, clock).await
+    }
+
+    /// Reads the journal and the authorities `keys` keeps, and applies every
+    /// step that is due, so that there is an active authority.
+    pub(crate) async fn load_with(
+        store: Arc<dyn Store>,
+        keys: Arc<KeyManager>,
+        td: &TrustDomain,
+        ca_ttl: Duration,
+        clock: Clock,
+    ) -> Result<Self, CaError> {
+        keys.prepare_dir()?;
         let journal = store.get_ca_journal().await?.unwrap_or_default();
-        let mut authorities = HashMap::new();
-        for record in &journal.authorities {
-            let authority = super::load_saved(dir, &record.id, td)?;
-            authorities.insert(record.id.clone(), Arc::new(authority));
-        }
+        let (journal, authorities) = keys.load_journal(journal, td)?;
         let mut schedule = Self {
             store,
-            dir: dir.to_owned(),
+            dir: keys.dir().to_owned(),
+            keys,
             td: td.clone(),
             ca_ttl,
             clock,
@@ -144,8 +187,12 @@ impl Schedule {
     /// active authority if there is one that has not expired.
     async fn start_journal(&mut self) -> Result<(), CaError> {
         let now = self.clock.now();
-        self.journal.sequence = u64::try_from(clock::to_unix(now)).unwrap_or(1);
-        let Some((authority, not_before)) = super::load_legacy(&self.dir, &self.td)? else {
+        // A journal dropped by the key manager leaves its sequence: go on
+        // from it.
+        self.journal.sequence = u64::try_from(clock::to_unix(now))
+            .unwrap_or(1)
+            .max(self.journal.sequence.saturating_add(1));
+        let Some((authority, not_before)) = self.keys.load_legacy(&self.td)? else {
             return Ok(());
         };
         if authority.not_after() <= now {
@@ -161,7 +208,7 @@ impl Schedule {
         let created_at = i64::try_from(not_before)
             .unwrap_or(0)
             .saturating_add(backdate);
-        super::save(&self.dir, &record.id, &authority)?;
+        self.keys.save(&record.id, &authority)?;
         let mut journal = Journal {
             // Agents already hold this bundle with this sequence.
             sequence: not_before.saturating_sub(1),
@@ -192,14 +239,16 @@ impl Schedule {
             .journal
             .authorities
             .iter()
+            .filter(|r| r.state.in_bundle())
             .filter_map(|r| self.authorities.get(&r.id))
             .map(|a| a.cert().clone())
             .collect();
         Ok(Published {
             active_id: active.id.clone(),
             active: Arc::clone(authority),
-            bundle: X509Bundle::new(self.td.clone(), certs),
+            bundle: self.keys.bundle(&self.td, certs),
             sequence: self.journal.sequence,
+            tainted: self.journal.tainted_ids().filter_map(unhex).collect(),
         })
     }
 
@@ -210,7 +259,7 @@ impl Schedule {
         let mut created = None;
         match &event {
             Event::Prepare => {
-                let (record, authority) = self.create(now)?;
+                let (record, authority) = self.create(now).await?;
                 journal.prepare(record.clone());
                 created = Some((record, authority));
             }
@@ -218,7 +267,7 @@ impl Schedule {
                 let next = match journal.prepared() {
                     Some(prepared) if prepared.not_after > now_unix => prepared.clone(),
                     _ => {
-                        let (record, authority) = self.create(now)?;
+                        let (record, authority) = self.create(now).await?;
                         created = Some((record.clone(), authority));
                         record
                     }
@@ -257,7 +306,7 @@ impl Schedule {
             }
             Event::Retire(id) => {
                 self.authorities.remove(&id);
-                if let Err(e) = super::remove_saved(&self.dir, &id) {
+                if let Err(e) = self.keys.remove(&id) {
                     tracing::warn!(authority.id = %id, error = %e, "cannot remove a retired authority's files");
                 }
                 tracing::info!(
@@ -270,6 +319,91 @@ impl Schedule {
         Ok(())
     }
 
+    /// The journal.
+    pub(crate) fn journal(&self) -> &Journal {
+        &self.journal
+    }
+
+    /// The certificate of authority `id`, unless it was revoked.
+    pub(crate) fn certificate(&self, id: &str) -> Option<&CertificateDer<'static>> {
+        self.authorities.get(id).map(|a| a.cert())
+    }
+
+    /// Applies an operator's change at `now`, persisted before it returns;
+    /// returns the authority's record as changed. `live` tells whether a
+    /// revoked authority still has live SVIDs.
+    pub(crate) async fn operate(
+        &mut self,
+        operation: &Operation,
+        now: SystemTime,
+        live: &LiveSvids,
+    ) -> Result<AuthorityRecord, OperationError> {
+        let now_unix = clock::to_unix(now);
+        let mut journal = self.journal.clone();
+        let id = match operation {
+            Operation::Prepare => {
+                if let Some(prepared) = journal.prepared() {
+                    return Err(Refusal::AlreadyPrepared(prepared.id.clone()).into());
+                }
+                let (record, authority) = self.create(now).await?;
+                journal.prepare(record.clone());
+                self.commit(journal).await?;
+                self.authorities.insert(record.id.clone(), authority);
+                record.id
+            }
+            Operation::Activate(id) => {
+                let record = journal
+                    .get(id)
+                    .ok_or_else(|| Refusal::Unknown(id.clone()))?
+                    .clone();
+                if record.state != AuthorityState::Prepared || record.not_after <= now_unix {
+                    return Err(Refusal::NotPrepared(id.clone(), record.state).into());
+                }
+                let max = i64::try_from(max_svid_ttl(self.ca_ttl).as_secs()).unwrap_or(i64::MAX);
+                journal.activate(record, now_unix, max);
+                self.commit(journal).await?;
+                id.clone()
+            }
+            Operation::Taint(id) => {
+                journal.taint(id, now_unix)?;
+                self.commit(journal).await?;
+                id.clone()
+            }
+            Operation::Revoke { id, force } => {
+                journal.revoke(id, now_unix)?;
+                if !force {
+                    let usage = live.usage(now_unix).await.map_err(CaError::from)?;
+                    if let Some(usage) = usage.get(id.as_str()).filter(|u| u.svids > 0) {
+                        return Err(Refusal::LiveSvids {
+                            id: id.clone(),
+                            svids: usage.svids,
+                            agents: usage.agents.len(),
+                        }
+                        .into());
+                    }
+                }
+                self.commit(journal).await?;
+                self.authorities.remove(id.as_str());
+                if let Err(e) = self.keys.remove(id) {
+                    tracing::warn!(authority.id = %id, error = %e, "cannot remove a revoked authority's files");
+                }
+                id.clone()
+            }
+        };
+        let record = self
+            .journal
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| Refusal::Unknown(id.clone()))?;
+        tracing::info!(
+            authority.id = %record.id,
+            state = super::journal::state_name(record.state),
+            bundle.sequence = self.journal.sequence,
+            "X.509 authority changed by the operator"
+        );
+        Ok(record)
+    }
+
     /// Stores `journal` durably, then keeps it.
     async fn commit(&mut self, journal: Journal) -> Result<(), CaError> {
         self.store.put_ca_journal(&journal).await?;
@@ -278,11 +412,11 @@ impl Schedule {
         Ok(())
     }
 
-    /// Creates a new authority and writes its files.
-    fn create(&self, now: SystemTime) -> Result<(AuthorityRecord, Arc<Authority>), CaError> {
-        let authority = super::new_authority(&self.td, now, self.ca_ttl)?;
+    /// Creates a new authority and has the key manager keep it.
+    async fn create(&self, now: SystemTime) -> Result<(AuthorityRecord, Arc<Authority>), CaError> {
+        let authority = self.keys.create(&self.td, now, self.ca_ttl).await?;
         let record = self.record_of(&authority, now)?;
-        super::save(&self.dir, &record.id, &authority)?;
+        self.keys.save(&record.id, &authority)?;
         Ok((record, Arc::new(authority)))
     }
 
@@ -303,14 +437,17 @@ impl Schedule {
             activated_at: None,
             deactivated_at: None,
             retire_at: None,
+            tainted_at: None,
+            revoked_at: None,
         })
     }
 }
 
-/// Runs the schedule until `shutdown`: sleeps until the next step, applies
-/// it, and publishes the result to `ca`.
-pub(crate) async fn run(mut schedule: Schedule, ca: Arc<Ca>, mut shutdown: Shutdown) {
+/// Runs the schedule until `shutdown`: sleeps until the next step (or an
+/// operator's change), applies it, and publishes the result.
+pub(crate) async fn run(authorities: Arc<Authorities>, mut shutdown: Shutdown) {
     loop {
+        let mut schedule = authorities.schedule.lock().await;
         let (at, event) = schedule.next_event();
         let now = schedule.clock.now();
         if at > now {
@@ -318,16 +455,19 @@ pub(crate) async fn run(mut schedule: Schedule, ca: Arc<Ca>, mut shutdown: Shutd
                 .clock
                 .instant_of(at)
                 .min(tokio::time::Instant::now() + MAX_WAIT);
+            drop(schedule);
             tokio::select! {
                 () = tokio::time::sleep_until(wake) => {}
+                () = authorities.wake.notified() => {}
                 () = shutdown.wait() => return,
             }
             continue;
         }
         let applied = schedule.apply(event.clone(), now).await;
         let published = applied.and_then(|()| schedule.published());
+        drop(schedule);
         match published {
-            Ok(published) => ca.publish(published),
+            Ok(published) => authorities.ca.publish(published),
             Err(e) => {
                 tracing::warn!(event = ?event, error = %e, "cannot rotate the signing authority; will retry");
                 tokio::select! {
@@ -340,235 +480,4 @@ pub(crate) async fn run(mut schedule: Schedule, ca: Arc<Ca>, mut shutdown: Shutd
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::store::SledStore;
-
-    const CA_TTL: Duration = Duration::from_secs(180);
-
-    fn td() -> TrustDomain {
-        TrustDomain::new("example.org").unwrap()
-    }
-
-    struct Server {
-        ca: Arc<Ca>,
-        stop: crate::shutdown::Trigger,
-        task: tokio::task::JoinHandle<()>,
-    }
-
-    /// Opens the store and the schedule, as the server does at start-up,
-    /// and runs the schedule.
-    async fn start(dir: &Path, clock: Clock) -> Server {
-        let store: Arc<dyn Store> = Arc::new(SledStore::open(&dir.join("store")).unwrap());
-        let schedule = Schedule::load(store, &dir.join("ca"), &td(), CA_TTL, clock)
-            .await
-            .unwrap();
-        let ca = Arc::new(Ca::new(schedule.published().unwrap(), max_svid_ttl(CA_TTL)));
-        let (stop, shutdown) = crate::shutdown::channel();
-        let task = tokio::spawn(run(schedule, Arc::clone(&ca), shutdown));
-        Server { ca, stop, task }
-    }
-
-    async fn restart(server: Server, dir: &Path, clock: Clock) -> Server {
-        let before = server.ca.current();
-        server.stop.fire();
-        server.task.await.unwrap();
-        drop(server.ca);
-        let server = start(dir, clock).await;
-        let after = server.ca.current();
-        assert_eq!(
-            after.active_id, before.active_id,
-            "the active authority survives"
-        );
-        assert_eq!(after.sequence, before.sequence, "the sequence survives");
-        assert_eq!(after.bundle.authorities(), before.bundle.authorities());
-        server
-    }
-
-    /// Waits until the published state satisfies `done` (publications may
-    /// coalesce, so it may already); returns it with
-    /// the seconds elapsed since `t0`, rounded up.
-    async fn until(
-        changes: &mut tokio::sync::watch::Receiver<()>,
-        ca: &Ca,
-        clock: Clock,
-        t0: SystemTime,
-        done: impl Fn(&Published) -> bool,
-    ) -> (Arc<Published>, u64) {
-        loop {
-            let current = ca.current();
-            if done(&current) {
-                // Steps fall on whole seconds of the wall clock; `t0` need not.
-                let elapsed = clock.now().duration_since(t0).unwrap().as_secs_f64().ceil() as u64;
-                return (current, elapsed);
-            }
-            changes.changed().await.unwrap();
-        }
-    }
-
-    fn keys_on_disk(dir: &Path) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(dir.join("ca"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .filter(|n| n.ends_with(".key.pem"))
-            .collect();
-        names.sort();
-        names
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_full_cycle_with_a_restart_at_each_stage() {
-        let dir = tempfile::tempdir().unwrap();
-        let clock = Clock::tokio();
-        let t0 = clock.now();
-        let mut server = start(dir.path(), clock).await;
-
-        // Start: one active authority, alone in the bundle.
-        let first = server.ca.current();
-        assert_eq!(first.bundle.authorities().len(), 1);
-        assert_eq!(first.bundle.authorities()[0], *first.active.cert());
-        let first_id = first.active_id.clone();
-        assert_eq!(keys_on_disk(dir.path()), [format!("{first_id}.key.pem")]);
-        // Files of an authority that never reached the journal go away.
-        std::fs::write(dir.path().join("ca/0badc0de.key.pem"), "stray").unwrap();
-        server = restart(server, dir.path(), clock).await;
-        assert_eq!(keys_on_disk(dir.path()), [format!("{first_id}.key.pem")]);
-
-        // At half of its life the next one is prepared and published.
-        let mut changes = server.ca.subscribe();
-        let (prepared, at) = until(&mut changes, &server.ca, clock, t0, |p| {
-            p.bundle.authorities().len() == 2
-        })
-        .await;
-        assert_eq!(at, 90);
-        assert_eq!(prepared.active_id, first_id, "still signing with the first");
-        assert_eq!(prepared.bundle.authorities().len(), 2);
-        assert_eq!(prepared.sequence, first.sequence + 1);
-        let second = prepared.bundle.authorities()[1].clone();
-        assert_eq!(keys_on_disk(dir.path()).len(), 2);
-        server = restart(server, dir.path(), clock).await;
-
-        // With a sixth of its life left, the second one signs.
-        let mut changes = server.ca.subscribe();
-        let (activated, at) = until(&mut changes, &server.ca, clock, t0, |p| {
-            p.active_id != first_id
-        })
-        .await;
-        assert_eq!(at, 150);
-        assert_eq!(*activated.active.cert(), second);
-        assert_eq!(
-            activated.bundle.authorities().len(),
-            2,
-            "both stay published"
-        );
-        assert_eq!(
-            activated.sequence, prepared.sequence,
-            "the bundle did not change"
-        );
-        let second_id = activated.active_id.clone();
-        server = restart(server, dir.path(), clock).await;
-
-        // Once every SVID the first signed (at most 30 s) has expired, it
-        // leaves the bundle; the next one is prepared at the same moment.
-        let mut changes = server.ca.subscribe();
-        let first_cert = first.active.cert().clone();
-        let (retired, at) = until(&mut changes, &server.ca, clock, t0, |p| {
-            !p.bundle.authorities().contains(&first_cert)
-        })
-        .await;
-        assert_eq!(at, 180);
-        assert_eq!(retired.active_id, second_id);
-        assert_eq!(retired.bundle.authorities()[0], second);
-        assert!(!keys_on_disk(dir.path()).contains(&format!("{first_id}.key.pem")));
-        let (third, at) = until(&mut changes, &server.ca, clock, t0, |p| {
-            p.bundle.authorities().len() == 2
-        })
-        .await;
-        assert_eq!(at, 180);
-        assert_eq!(third.bundle.authorities()[0], second);
-        assert_eq!(
-            third.sequence,
-            activated.sequence + 2,
-            "one retired, one prepared"
-        );
-        assert_eq!(third.active_id, second_id);
-        server = restart(server, dir.path(), clock).await;
-
-        server.stop.fire();
-        server.task.await.unwrap();
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_server_down_through_an_activation_catches_up_at_start() {
-        let dir = tempfile::tempdir().unwrap();
-        let clock = Clock::tokio();
-        let t0 = clock.now();
-        let server = start(dir.path(), clock).await;
-        let mut changes = server.ca.subscribe();
-        let (prepared, at) = until(&mut changes, &server.ca, clock, t0, |p| {
-            p.bundle.authorities().len() == 2
-        })
-        .await;
-        assert_eq!(at, 90);
-        server.stop.fire();
-        server.task.await.unwrap();
-        drop(server.ca);
-
-        // Down from 90 s to 160 s: past the activation at 150 s.
-        tokio::time::sleep(Duration::from_secs(70)).await;
-        let server = start(dir.path(), clock).await;
-        let current = server.ca.current();
-        assert_eq!(*current.active.cert(), prepared.bundle.authorities()[1]);
-        assert_eq!(current.bundle.authorities().len(), 2);
-        server.stop.fire();
-        server.task.await.unwrap();
-    }
-
-    #[tokio::test]
-    async fn a_ca_of_earlier_versions_becomes_the_active_authority() {
-        let dir = tempfile::tempdir().unwrap();
-        let ca_dir = dir.path().join("ca");
-        super::super::create_private_dir(&ca_dir).unwrap();
-        let old = super::super::new_authority(&td(), SystemTime::now(), CA_TTL).unwrap();
-        super::super::write_files(&ca_dir.join("cert.pem"), &ca_dir.join("key.pem"), &old).unwrap();
-        let server = start(dir.path(), Clock::System).await;
-        let current = server.ca.current();
-        assert_eq!(current.active.cert(), old.cert());
-        assert!(!ca_dir.join("key.pem").exists());
-        server.stop.fire();
-        server.task.await.unwrap();
-    }
-
-    #[tokio::test]
-    async fn an_expired_ca_of_earlier_versions_is_replaced() {
-        let dir = tempfile::tempdir().unwrap();
-        let ca_dir = dir.path().join("ca");
-        super::super::create_private_dir(&ca_dir).unwrap();
-        let long_ago = SystemTime::now() - Duration::from_secs(7200);
-        let old = super::super::new_authority(&td(), long_ago, CA_TTL).unwrap();
-        super::super::write_files(&ca_dir.join("cert.pem"), &ca_dir.join("key.pem"), &old).unwrap();
-        let server = start(dir.path(), Clock::System).await;
-        let current = server.ca.current();
-        assert_ne!(current.active.cert(), old.cert());
-        assert_eq!(
-            current.bundle.authorities(),
-            [current.active.cert().clone()]
-        );
-        assert!(current.active.not_after() > SystemTime::now());
-        server.stop.fire();
-        server.task.await.unwrap();
-    }
-
-    #[test]
-    fn long_svid_lifetimes_are_capped() {
-        let day = Duration::from_secs(86_400);
-        assert_eq!(
-            cap_svid_ttl("agent_svid_ttl", day, day),
-            Duration::from_secs(14_400)
-        );
-        assert_eq!(
-            cap_svid_ttl("agent_svid_ttl", Duration::from_secs(60), day),
-            Duration::from_secs(60)
-        );
-    }
-}
+mod tests;

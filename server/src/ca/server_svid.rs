@@ -199,6 +199,7 @@ mod tests {
             ),
             active: authority,
             sequence,
+            tainted: Vec::new(),
         }
     }
 
