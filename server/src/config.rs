@@ -8,6 +8,19 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use sigil::TrustDomain;
+use sigil::keys::KeyType;
+
+use crate::ca::keys::KeyManagerKind;
+use crate::ca::upstream::DiskUpstreamConfig;
+
+mod node_attestors;
+mod upstream;
+
+use node_attestors::node_attestors;
+pub(crate) use node_attestors::{
+    K8sPsatClusterConfig, K8sPsatConfig, K8sPsatKeys, NodeAttestorsConfig, X509PopConfig,
+};
+use upstream::upstream_authority;
 
 /// Default address of the agent API.
 pub(crate) const DEFAULT_BIND_ADDRESS: &str = "0.0.0.0:8081";
@@ -38,6 +51,9 @@ pub(crate) struct RunArgs {
     /// Directory of the server's state [default: ./.sigil-server].
     #[arg(long, value_name = "DIR")]
     pub(crate) data_dir: Option<String>,
+    /// File the audit events are appended to, mode 0600 [default: <data_dir>/audit.log].
+    #[arg(long, value_name = "FILE")]
+    pub(crate) audit_log_path: Option<String>,
     /// Lifetime of workload X.509-SVIDs whose entry sets none [default: 1h].
     #[arg(long, value_name = "DURATION")]
     pub(crate) default_x509_svid_ttl: Option<String>,
@@ -47,6 +63,12 @@ pub(crate) struct RunArgs {
     /// Lifetime of agent SVIDs [default: 1h].
     #[arg(long, value_name = "DURATION")]
     pub(crate) agent_svid_ttl: Option<String>,
+    /// Key type of the X.509 signing authorities: `ec-p256`, `ec-p384` or `rsa-2048` [default: ec-p256].
+    #[arg(long, value_name = "TYPE")]
+    pub(crate) ca_key_type: Option<String>,
+    /// Where the authorities' keys are kept: `disk` or `memory` (a restart starts new authorities) [default: disk].
+    #[arg(long, value_name = "KIND")]
+    pub(crate) key_manager: Option<String>,
     /// Log filter, e.g. `info` or `debug` (RUST_LOG, when set, wins) [default: info].
     #[arg(long, value_name = "LEVEL")]
     pub(crate) log_level: Option<String>,
@@ -86,16 +108,26 @@ pub(crate) struct Config {
     pub(crate) admin_socket_group: Option<SocketGroup>,
     /// Directory of the server's state.
     pub(crate) data_dir: PathBuf,
+    /// File of the audit log.
+    pub(crate) audit_log_path: PathBuf,
     /// Lifetime of workload SVIDs whose entry sets none.
     pub(crate) default_x509_svid_ttl: Duration,
     /// Lifetime of each X.509 signing authority.
     pub(crate) ca_ttl: Duration,
     /// Lifetime of agent SVIDs.
     pub(crate) agent_svid_ttl: Duration,
+    /// Key type of the X.509 signing authorities.
+    pub(crate) ca_key_type: KeyType,
+    /// Where the authorities' keys are kept.
+    pub(crate) key_manager: KeyManagerKind,
+    /// `[upstream_authority.disk]`: the CA that signs the authorities.
+    pub(crate) upstream_authority: Option<DiskUpstreamConfig>,
     /// Log filter directives.
     pub(crate) log_level: String,
     /// Log format.
     pub(crate) log_format: LogFormat,
+    /// The node attestors besides `join_token`.
+    pub(crate) node_attestors: NodeAttestorsConfig,
 }
 
 /// Every problem found in the configuration, one per line.
@@ -121,11 +153,16 @@ const KEYS: &[&str] = &[
     "admin_socket_path",
     "admin_socket_group",
     "data_dir",
+    "audit_log_path",
     "default_x509_svid_ttl",
     "ca_ttl",
     "agent_svid_ttl",
+    "ca_key_type",
+    "key_manager",
+    "upstream_authority",
     "log_level",
     "log_format",
+    "node_attestors",
 ];
 
 /// Reads the file named by `--config` (if any) and merges the flags.
@@ -149,6 +186,8 @@ pub(crate) fn from_sources(
 ) -> Result<Config, ConfigErrors> {
     let mut problems = Vec::new();
     let mut values: BTreeMap<&'static str, String> = BTreeMap::new();
+    let mut node_attestors_table = None;
+    let mut upstream_table = None;
 
     if let Some((path, text)) = file {
         match text.parse::<toml::Table>() {
@@ -159,7 +198,18 @@ pub(crate) fn from_sources(
                         continue;
                     };
                     match value {
-                        toml::Value::String(s) => {
+                        toml::Value::Table(t) if *known == "upstream_authority" => {
+                            upstream_table = Some(t);
+                        }
+                        other if *known == "upstream_authority" => problems.push(format!(
+                            "upstream_authority: expected a table in {}, found {}",
+                            path.display(),
+                            other.type_str()
+                        )),
+                        toml::Value::Table(t) if *known == "node_attestors" => {
+                            node_attestors_table = Some(t);
+                        }
+                        toml::Value::String(s) if *known != "node_attestors" => {
                             values.insert(known, s);
                         }
                         toml::Value::Integer(n) if known.ends_with("_ttl") && n >= 0 => {
@@ -183,9 +233,12 @@ pub(crate) fn from_sources(
         ("admin_socket_path", &args.admin_socket_path),
         ("admin_socket_group", &args.admin_socket_group),
         ("data_dir", &args.data_dir),
+        ("audit_log_path", &args.audit_log_path),
         ("default_x509_svid_ttl", &args.default_x509_svid_ttl),
         ("ca_ttl", &args.ca_ttl),
         ("agent_svid_ttl", &args.agent_svid_ttl),
+        ("ca_key_type", &args.ca_key_type),
+        ("key_manager", &args.key_manager),
         ("log_level", &args.log_level),
         ("log_format", &args.log_format),
     ];
@@ -227,6 +280,11 @@ pub(crate) fn from_sources(
     if data_dir.as_os_str().is_empty() {
         problems.push("data_dir: must not be empty".into());
     }
+    let audit_log_path =
+        take("audit_log_path").map_or_else(|| data_dir.join("audit.log"), PathBuf::from);
+    if audit_log_path.as_os_str().is_empty() {
+        problems.push("audit_log_path: must not be empty".into());
+    }
     let mut duration = |key: &str, default: &str, problems: &mut Vec<String>| {
         let text = take(key).unwrap_or_else(|| default.into());
         parse_duration(&text)
@@ -247,6 +305,25 @@ pub(crate) fn from_sources(
             problems.push(format!("log_format: {other:?}: must be `text` or `json`"));
             None
         }
+    };
+
+    let ca_key_type = take("ca_key_type").map_or(KeyType::default(), |text| {
+        text.parse::<KeyType>().unwrap_or_else(|e| {
+            problems.push(format!("ca_key_type: {e}"));
+            KeyType::default()
+        })
+    });
+    let key_manager = take("key_manager").map_or(KeyManagerKind::default(), |text| {
+        text.parse::<KeyManagerKind>().unwrap_or_else(|e| {
+            problems.push(format!("key_manager: {e}"));
+            KeyManagerKind::default()
+        })
+    });
+    let upstream_authority = upstream_table.and_then(|t| upstream_authority(t, &mut problems));
+
+    let node_attestors = match (&trust_domain, node_attestors_table) {
+        (Some(td), Some(table)) => node_attestors(td, table, &mut problems),
+        _ => NodeAttestorsConfig::default(),
     };
 
     match (
@@ -270,13 +347,43 @@ pub(crate) fn from_sources(
             admin_socket_path,
             admin_socket_group,
             data_dir,
+            audit_log_path,
             default_x509_svid_ttl,
             ca_ttl,
             agent_svid_ttl,
+            ca_key_type,
+            key_manager,
+            upstream_authority,
             log_level,
             log_format,
+            node_attestors,
         }),
         _ => Err(ConfigErrors(problems)),
+    }
+}
+
+/// A string value of a section, noting a wrong type.
+fn string_key(
+    section: &mut toml::Table,
+    prefix: &str,
+    key: &str,
+    problems: &mut Vec<String>,
+) -> Option<String> {
+    match section.remove(key)? {
+        toml::Value::String(s) => Some(s),
+        other => {
+            problems.push(format!(
+                "{prefix}.{key}: expected a string, found {}",
+                other.type_str()
+            ));
+            None
+        }
+    }
+}
+
+fn unknown_keys(section: &toml::Table, prefix: &str, problems: &mut Vec<String>) {
+    for key in section.keys() {
+        problems.push(format!("{prefix}: unknown key {key:?}"));
     }
 }
 
@@ -301,99 +408,4 @@ fn resolve_group(name: &str) -> Result<SocketGroup, String> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn args() -> RunArgs {
-        RunArgs::default()
-    }
-
-    fn file(text: &str) -> Result<Config, ConfigErrors> {
-        from_sources(&args(), Some((Path::new("server.toml"), text)))
-    }
-
-    #[test]
-    fn defaults_apply_when_only_the_trust_domain_is_set() {
-        let config = file("trust_domain = \"example.org\"").unwrap();
-        assert_eq!(config.trust_domain.name(), "example.org");
-        assert_eq!(config.bind_address, "0.0.0.0:8081".parse().unwrap());
-        assert_eq!(
-            config.admin_socket_path,
-            PathBuf::from("/tmp/sigil-server/admin.sock")
-        );
-        assert_eq!(config.admin_socket_group, None);
-        assert_eq!(config.data_dir, PathBuf::from("./.sigil-server"));
-        assert_eq!(config.default_x509_svid_ttl, Duration::from_secs(3600));
-        assert_eq!(config.ca_ttl, Duration::from_secs(86400));
-        assert_eq!(config.agent_svid_ttl, Duration::from_secs(3600));
-        assert_eq!(config.log_level, "info");
-        assert_eq!(config.log_format, LogFormat::Text);
-    }
-
-    #[test]
-    fn flags_win_over_the_file() {
-        let args = RunArgs {
-            bind_address: Some("127.0.0.1:0".into()),
-            ca_ttl: Some("2h".into()),
-            ..args()
-        };
-        let text = "trust_domain = \"example.org\"\nbind_address = \"0.0.0.0:9\"\nca_ttl = \"5h\"\nagent_svid_ttl = 90\nlog_format = \"json\"\n";
-        let config = from_sources(&args, Some((Path::new("f.toml"), text))).unwrap();
-        assert_eq!(config.bind_address, "127.0.0.1:0".parse().unwrap());
-        assert_eq!(config.ca_ttl, Duration::from_secs(7200));
-        assert_eq!(config.agent_svid_ttl, Duration::from_secs(90));
-        assert_eq!(config.log_format, LogFormat::Json);
-    }
-
-    #[test]
-    fn every_problem_is_reported() {
-        let text = "trust_domain = \"Example.org\"\nbind_address = \"nowhere\"\ncolour = \"blue\"\nca_ttl = \"soon\"\nagent_svid_ttl = \"0s\"\nlog_format = \"xml\"\nlog_level = \"[\"\ndata_dir = 3\n";
-        let err = file(text).unwrap_err();
-        let expected_prefixes = [
-            "server.toml: unknown key \"colour\"",
-            "data_dir: expected a string in server.toml, found integer",
-            "trust_domain: \"Example.org\": trust domain has the character 'E'",
-            "bind_address: \"nowhere\": must be IP:PORT",
-            "ca_ttl: \"soon\": ",
-            "agent_svid_ttl: \"0s\": must be at least 1s",
-            "log_level: \"[\": ",
-            "log_format: \"xml\": must be `text` or `json`",
-        ];
-        assert_eq!(err.0.len(), expected_prefixes.len(), "{err}");
-        for prefix in expected_prefixes {
-            assert!(
-                err.0.iter().any(|p| p.starts_with(prefix)),
-                "missing {prefix:?} in {err}"
-            );
-        }
-    }
-
-    #[test]
-    fn the_trust_domain_is_required() {
-        let err = from_sources(&args(), None).unwrap_err();
-        assert_eq!(
-            err.0,
-            ["trust_domain: is required (set it in the config file or with --trust-domain)"]
-        );
-    }
-
-    #[test]
-    fn malformed_toml_is_reported_with_the_file_name() {
-        let err = file("trust_domain = ").unwrap_err();
-        assert!(err.0[0].starts_with("server.toml: "), "{err}");
-    }
-
-    #[test]
-    fn an_unknown_group_is_reported() {
-        let args = RunArgs {
-            trust_domain: Some("example.org".into()),
-            admin_socket_group: Some("no-such-group-sigil".into()),
-            ..args()
-        };
-        let err = from_sources(&args, None).unwrap_err();
-        assert_eq!(
-            err.0,
-            ["admin_socket_group: no group named \"no-such-group-sigil\""]
-        );
-    }
-}
+mod tests;

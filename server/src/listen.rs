@@ -67,6 +67,11 @@ pub(crate) fn tls_incoming(
                     continue;
                 }
             };
+            // Small gRPC frames (a pushed entry change, a signed batch) go
+            // out at once instead of waiting for Nagle's algorithm.
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(peer = %peer, error = %e, "agent API: TCP_NODELAY not set");
+            }
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             tokio::spawn(async move {

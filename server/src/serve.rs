@@ -1,9 +1,14 @@
 //! `sigil-server run`: opens the state, starts both APIs, and runs until
 //! SIGINT or SIGTERM.
 //!
+//! The agent API's TLS port also serves the admin API (and the local
+//! authority API) to admin workloads; the Unix socket serves them to local
+//! users. See [`crate::api::admin::access`].
+//!
 //! Files in the data directory besides the state: `agent-api.addr` (the
-//! agent API's bound address, written once it listens) and `ready` (written
-//! once both APIs accept connections, removed on shutdown).
+//! agent API's bound address, written once it listens), `ready` (written
+//! once both APIs accept connections, removed on shutdown) and, unless
+//! `audit_log_path` puts it elsewhere, `audit.log`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,6 +17,7 @@ use std::time::Duration;
 use anyhow::Context;
 use sigil::keys::write_public_file;
 use sigil::proto::sigil::admin::v1::admin_server::AdminServer;
+use sigil::proto::sigil::admin::v1::local_authority_server::LocalAuthorityServer;
 use sigil::proto::sigil::agent::v1::agent_api_server::AgentApiServer;
 use sigil::tls::{SpiffeClientVerifier, SvidResolver, TrustStore};
 use tokio::net::TcpListener;
@@ -23,7 +29,12 @@ use tonic::transport::Server;
 
 use crate::api::Services;
 use crate::api::admin::AdminService;
+use crate::api::admin::access::{Gate, Transport};
 use crate::api::agent::AgentService;
+use crate::api::localauthority::LocalAuthorityService;
+use crate::attest::NodeAttestors;
+use crate::audit::AuditLog;
+use crate::ca::live::LiveSvids;
 use crate::ca::{Ca, create_private_dir, rotation, server_svid};
 use crate::clock::Clock;
 use crate::config::Config;
@@ -94,9 +105,10 @@ pub(crate) async fn start(config: &Config) -> anyhow::Result<Running> {
         SledStore::open(&data_dir.join("store"))
             .with_context(|| format!("opening the store in {}", data_dir.display()))?,
     );
-    let schedule = rotation::Schedule::load(
+    let keys = crate::ca::keys::KeyManager::from_config(config, &data_dir.join("ca"))?;
+    let schedule = rotation::Schedule::load_with(
         Arc::clone(&store),
-        &data_dir.join("ca"),
+        Arc::new(keys),
         &td,
         config.ca_ttl,
         Clock::System,
@@ -106,6 +118,8 @@ pub(crate) async fn start(config: &Config) -> anyhow::Result<Running> {
         schedule.published()?,
         rotation::max_svid_ttl(config.ca_ttl),
     ));
+    let svids = Arc::new(LiveSvids::load(Arc::clone(&store), crate::clock::now_unix()).await?);
+    let authorities = rotation::Authorities::new(schedule, Arc::clone(&ca), Arc::clone(&svids));
     let default_x509_svid_ttl = rotation::cap_svid_ttl(
         "default_x509_svid_ttl",
         config.default_x509_svid_ttl,
@@ -136,6 +150,7 @@ pub(crate) async fn start(config: &Config) -> anyhow::Result<Running> {
         agent_svid_ttl,
         shutdown: shutdown.clone(),
         agents: Default::default(),
+        svids,
     });
 
     let tcp = TcpListener::bind(config.bind_address)
@@ -150,11 +165,36 @@ pub(crate) async fn start(config: &Config) -> anyhow::Result<Running> {
     )
     .await?;
 
+    let audit = AuditLog::open(&config.audit_log_path)
+        .with_context(|| format!("opening the audit log {}", config.audit_log_path.display()))?;
+    let admin = AdminService::new(Arc::clone(&services), audit.clone());
+    let local_authority = LocalAuthorityService::new(admin.clone(), Arc::clone(&authorities));
+    let local_gate = Arc::new(Gate::new(
+        Transport::Local {
+            server_uid: nix::unistd::geteuid().as_raw(),
+            group_access: config.admin_socket_group.is_some(),
+        },
+        Arc::clone(&services),
+        audit.clone(),
+    ));
+    let mtls_gate = Arc::new(Gate::new(Transport::Mtls, Arc::clone(&services), audit));
+
     let (fatal_tx, fatal) = mpsc::channel(2);
     let mut tasks = Vec::new();
 
-    let agent_service = AgentApiServer::new(AgentService::new(Arc::clone(&services)))
-        .max_decoding_message_size(MAX_AGENT_REQUEST);
+    let agent_service = AgentApiServer::new(AgentService::new(
+        Arc::clone(&services),
+        Arc::new(
+            NodeAttestors::load(
+                &config.trust_domain,
+                &config.node_attestors,
+                Arc::clone(&store),
+            )
+            .await
+            .context("loading the used k8s_psat tokens")?,
+        ),
+    ))
+    .max_decoding_message_size(MAX_AGENT_REQUEST);
     let incoming = listen::tls_incoming(
         tcp,
         tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
@@ -164,17 +204,17 @@ pub(crate) async fn start(config: &Config) -> anyhow::Result<Running> {
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .add_service(agent_service)
+        .add_service(mtls_gate.guard(AdminServer::new(admin.clone())))
+        .add_service(mtls_gate.guard(LocalAuthorityServer::new(local_authority.clone())))
         .serve_with_incoming_shutdown(incoming, shutdown.clone().wait_owned());
     tasks.push(supervise("agent API", serving, fatal_tx.clone()));
-    tracing::info!(address = %agent_api, "agent API listening");
+    tracing::info!(address = %agent_api, "agent API listening (and the admin API, for admin workloads)");
     write_public_file(&addr_file, agent_api.to_string().as_bytes())
         .with_context(|| format!("writing {}", addr_file.display()))?;
 
     let serving = Server::builder()
-        .add_service(AdminServer::new(AdminService::new(
-            Arc::clone(&services),
-            config.admin_socket_group.is_some(),
-        )))
+        .add_service(local_gate.guard(AdminServer::new(admin)))
+        .add_service(local_gate.guard(LocalAuthorityServer::new(local_authority)))
         .serve_with_incoming_shutdown(UnixListenerStream::new(uds), shutdown.clone().wait_owned());
     tasks.push(supervise("admin API", serving, fatal_tx));
     tracing::info!(path = %config.admin_socket_path.display(), "admin API listening");
@@ -184,11 +224,7 @@ pub(crate) async fn start(config: &Config) -> anyhow::Result<Running> {
         shutdown.clone(),
     )));
 
-    tasks.push(tokio::spawn(rotation::run(
-        schedule,
-        Arc::clone(&ca),
-        shutdown.clone(),
-    )));
+    tasks.push(tokio::spawn(rotation::run(authorities, shutdown.clone())));
 
     tasks.push(tokio::spawn(server_svid::rotate(
         Arc::clone(&ca),

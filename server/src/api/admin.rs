@@ -1,5 +1,9 @@
-//! The admin API (`sigil.admin.v1.Admin`), served on a local Unix socket to
-//! root and to the server's own user.
+//! The admin API (`sigil.admin.v1.Admin`), served on the local Unix socket
+//! to root, the server's own user and the socket group, and on the agent
+//! API's TLS port to admin workloads ([`access`] decides who gets in).
+//! Every change it makes is written to the audit log.
+
+pub(crate) mod access;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,10 +17,10 @@ use sigil::proto::sigil::admin::v1::{
 };
 use sigil::proto::sigil::types::v1 as pb;
 use sigil::{Selector, Selectors, SpiffeId, TrustDomain};
-use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status};
 
 use super::{Services, agents, internal};
+use crate::audit::{self, AuditLog, Caller, Event, Outcome};
 use crate::clock;
 use crate::registry::{ListQuery, RegistryError, SelectorMatch};
 use crate::tokens::{DEFAULT_TTL, TokenError};
@@ -26,46 +30,151 @@ const DEFAULT_PAGE_SIZE: usize = 100;
 /// Most entries per page.
 const MAX_PAGE_SIZE: usize = 1000;
 
-/// The admin API service.
+/// The admin API service. Serve it only behind an [`access::Gate`].
 #[derive(Debug, Clone)]
 pub(crate) struct AdminService {
     services: Arc<Services>,
-    /// The server's effective user ID, allowed besides root.
-    server_uid: u32,
-    /// Whether the socket is opened to a group (mode 0660, group-owned).
-    group_access: bool,
+    audit: AuditLog,
 }
 
 impl AdminService {
-    /// A service over the shared state. With `group_access`, the socket is
-    /// group-owned with mode 0660 (`admin_socket_group`).
-    pub(crate) fn new(services: Arc<Services>, group_access: bool) -> Self {
-        Self {
-            services,
-            server_uid: nix::unistd::geteuid().as_raw(),
-            group_access,
+    /// A service over the shared state that records changes in `audit`.
+    pub(crate) fn new(services: Arc<Services>, audit: AuditLog) -> Self {
+        Self { services, audit }
+    }
+
+    /// The caller the [`access::Gate`] admitted. A request that did not
+    /// pass a gate is refused.
+    pub(crate) fn authorize<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+        caller_of(request)
+    }
+
+    /// Records in the audit log that `caller` did `action` on `ids`, with
+    /// the outcome of `result`. Services served beside this one (which
+    /// hold an `AdminService`) record their changes through it too.
+    pub(crate) fn record<T, I>(
+        &self,
+        caller: &Caller,
+        action: &'static str,
+        ids: I,
+        result: &Result<T, Status>,
+    ) where
+        I: IntoIterator,
+        I::Item: std::fmt::Display,
+    {
+        audit::record(&self.audit, caller, action, ids, result);
+    }
+
+    /// Records one event per item of a batch entry call: the entry's ID
+    /// (or the requested ID of a refused item), and its outcome.
+    fn audit_entries(
+        &self,
+        caller: &Caller,
+        action: &'static str,
+        requested: &[Option<&str>],
+        response: &BatchEntryResponse,
+    ) {
+        for (i, result) in response.results.iter().enumerate() {
+            let requested = requested.get(i).copied().flatten();
+            let mut event = Event::new(caller, action).detail("index", i);
+            match (&result.entry, &result.status) {
+                (Some(entry), _) => {
+                    event = event
+                        .ids([&entry.id])
+                        .detail("spiffe_id", entry.spiffe_id.as_str())
+                        .detail("parent_id", entry.parent_id.as_str())
+                        .detail("revision", entry.revision);
+                }
+                (None, status) => {
+                    let (code, message) = match status {
+                        Some(s) => (tonic::Code::from_i32(s.code), s.message.clone()),
+                        None => (tonic::Code::Unknown, String::new()),
+                    };
+                    let requested = requested.filter(|id| !id.is_empty());
+                    event = event
+                        .ids(requested)
+                        .outcome(Outcome::Error { code, message });
+                }
+            }
+            self.audit.record(&event);
         }
     }
 
-    /// Allows root and the server's own user; with a configured group, also
-    /// every caller that could connect, since the kernel let only the
-    /// group's members (primary or supplementary) open the 0660 socket.
-    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        let uid = request
-            .extensions()
-            .get::<UdsConnectInfo>()
-            .and_then(|info| info.peer_cred)
-            .map(|cred| cred.uid());
-        match uid {
-            Some(uid) if uid == 0 || uid == self.server_uid || self.group_access => Ok(()),
-            Some(uid) => Err(Status::permission_denied(format!(
-                "admin API: uid {uid} is not allowed"
-            ))),
-            None => Err(Status::permission_denied(
-                "admin API: the caller's credentials are unknown",
-            )),
+    /// `CreateJoinToken` for an admitted caller; a created token is
+    /// audited here (a refusal by the caller of this).
+    async fn join_token(
+        &self,
+        caller: &Caller,
+        request: Request<CreateJoinTokenRequest>,
+    ) -> Result<Response<CreateJoinTokenResponse>, Status> {
+        let req = request.get_ref();
+        let ttl = match req.ttl {
+            0 => DEFAULT_TTL,
+            n if n < 0 => return Err(Status::invalid_argument("ttl: must not be negative")),
+            n => Duration::from_secs(n.unsigned_abs().into()),
+        };
+        let token_error = |e: TokenError| match e {
+            TokenError::AgentId(_) => Status::invalid_argument(e.to_string()),
+            other => internal("creating a join token", other),
+        };
+        let tokens = &self.services.tokens;
+        let registry = &self.services.registry;
+        // The alias entry is made before the token is stored, so a refused
+        // alias leaves no token behind.
+        let pending = tokens.prepare(&req.agent_id).map_err(token_error)?;
+        let alias = if req.alias_id.is_empty() {
+            None
+        } else {
+            let entry = registry
+                .create_alias(&req.alias_id, &pending.agent_id)
+                .await
+                .map_err(|e| Status::new(e.code(), e.alias_message("alias_id")))?;
+            tracing::info!(
+                entry.id = %entry.id,
+                spiffe.id = %entry.spiffe_id,
+                agent.id = %pending.agent_id,
+                "node alias created"
+            );
+            Some(entry)
+        };
+        let token = match tokens.save(pending, ttl).await {
+            Ok(token) => token,
+            Err(e) => {
+                if let Some(entry) = &alias {
+                    registry.delete(std::slice::from_ref(&entry.id)).await;
+                }
+                return Err(token_error(e));
+            }
+        };
+        tracing::info!(
+            agent.id = %token.agent_id,
+            expires_at = %clock::rfc3339(token.expires_at),
+            "join token created"
+        );
+        let mut event = Event::new(caller, "token.generate")
+            .ids([&token.agent_id])
+            .detail("token_id", token.token_id.as_str())
+            .detail("expires_at", clock::rfc3339(token.expires_at));
+        if let Some(entry) = &alias {
+            event = event.detail("alias_entry_id", entry.id.as_str());
         }
+        self.audit.record(&event);
+        Ok(Response::new(CreateJoinTokenResponse {
+            token: token.token.as_str().to_owned(),
+            agent_id: token.agent_id.to_string(),
+            expires_at: token.expires_at,
+            alias_entry_id: alias.map(|e| e.id.clone()).unwrap_or_default(),
+        }))
     }
+}
+
+/// The caller a gate admitted, from the request extensions.
+fn caller_of<T>(request: &Request<T>) -> Result<Caller, Status> {
+    request
+        .extensions()
+        .get::<Caller>()
+        .cloned()
+        .ok_or_else(|| Status::permission_denied("admin API: the caller was not authorized"))
 }
 
 fn results(
@@ -205,41 +314,43 @@ impl Admin for AdminService {
         &self,
         request: Request<BatchCreateEntryRequest>,
     ) -> Result<Response<BatchEntryResponse>, Status> {
-        self.authorize(&request)?;
+        let caller = self.authorize(&request)?;
         let entries = request.into_inner().entries;
         let created = self.services.registry.create(&entries).await;
-        Ok(Response::new(results(
-            created,
-            "entries",
-            Some("id"),
-            "created",
-        )))
+        let max_ttl = self.services.ca.max_svid_ttl();
+        crate::ca::rotation::warn_capped_entries(created.iter().flatten().map(|e| &**e), max_ttl);
+        let response = results(created, "entries", Some("id"), "created");
+        let requested: Vec<_> = entries.iter().map(|e| Some(e.id.as_str())).collect();
+        self.audit_entries(&caller, "entry.create", &requested, &response);
+        Ok(Response::new(response))
     }
 
     async fn batch_update_entry(
         &self,
         request: Request<BatchUpdateEntryRequest>,
     ) -> Result<Response<BatchEntryResponse>, Status> {
-        self.authorize(&request)?;
+        let caller = self.authorize(&request)?;
         let entries = request.into_inner().entries;
         let updated = self.services.registry.update(&entries).await;
-        Ok(Response::new(results(
-            updated,
-            "entries",
-            Some("id"),
-            "updated",
-        )))
+        let max_ttl = self.services.ca.max_svid_ttl();
+        crate::ca::rotation::warn_capped_entries(updated.iter().flatten().map(|e| &**e), max_ttl);
+        let response = results(updated, "entries", Some("id"), "updated");
+        let requested: Vec<_> = entries.iter().map(|e| Some(e.id.as_str())).collect();
+        self.audit_entries(&caller, "entry.update", &requested, &response);
+        Ok(Response::new(response))
     }
 
     async fn batch_delete_entry(
         &self,
         request: Request<BatchDeleteEntryRequest>,
     ) -> Result<Response<BatchEntryResponse>, Status> {
-        self.authorize(&request)?;
+        let caller = self.authorize(&request)?;
         let ids = request.into_inner().ids;
         let deleted = self.services.registry.delete(&ids).await;
         // The item is the ID itself, so errors read `ids[i]: …`.
         let response = results(deleted, "ids", None, "deleted");
+        let requested: Vec<_> = ids.iter().map(|id| Some(id.as_str())).collect();
+        self.audit_entries(&caller, "entry.delete", &requested, &response);
         Ok(Response::new(response))
     }
 
@@ -306,32 +417,17 @@ impl Admin for AdminService {
         &self,
         request: Request<CreateJoinTokenRequest>,
     ) -> Result<Response<CreateJoinTokenResponse>, Status> {
-        self.authorize(&request)?;
-        let req = request.get_ref();
-        let ttl = match req.ttl {
-            0 => DEFAULT_TTL,
-            n if n < 0 => return Err(Status::invalid_argument("ttl: must not be negative")),
-            n => Duration::from_secs(n.unsigned_abs().into()),
-        };
-        let token = self
-            .services
-            .tokens
-            .generate(&req.agent_id, ttl)
-            .await
-            .map_err(|e| match e {
-                TokenError::AgentId(_) => Status::invalid_argument(e.to_string()),
-                other => internal("creating a join token", other),
-            })?;
-        tracing::info!(
-            agent.id = %token.agent_id,
-            expires_at = %clock::rfc3339(token.expires_at),
-            "join token created"
-        );
-        Ok(Response::new(CreateJoinTokenResponse {
-            token: token.token.as_str().to_owned(),
-            agent_id: token.agent_id.to_string(),
-            expires_at: token.expires_at,
-        }))
+        let caller = self.authorize(&request)?;
+        let agent_id = request.get_ref().agent_id.clone();
+        let result = self.join_token(&caller, request).await;
+        if let Err(status) = &result {
+            self.audit.record(
+                &Event::new(&caller, "token.generate")
+                    .ids(Some(agent_id).filter(|id| !id.is_empty()))
+                    .outcome(Outcome::from(status)),
+            );
+        }
+        result
     }
 
     async fn list_agents(
@@ -372,30 +468,42 @@ impl Admin for AdminService {
         &self,
         request: Request<admin_pb::AgentIdRequest>,
     ) -> Result<Response<admin_pb::Agent>, Status> {
-        self.authorize(&request)?;
-        let id = agents::parse_agent_id(&request.get_ref().spiffe_id)?;
-        let record = agents::evict(&self.services, &id).await?;
-        Ok(Response::new(agents::to_proto(&record)))
+        let caller = self.authorize(&request)?;
+        let agent_id = &request.get_ref().spiffe_id;
+        let result = match agents::parse_agent_id(agent_id) {
+            Ok(id) => agents::evict(&self.services, &id).await,
+            Err(status) => Err(status),
+        };
+        self.record(&caller, "agent.evict", [agent_id], &result);
+        Ok(Response::new(agents::to_proto(&result?)))
     }
 
     async fn ban_agent(
         &self,
         request: Request<admin_pb::AgentIdRequest>,
     ) -> Result<Response<admin_pb::Agent>, Status> {
-        self.authorize(&request)?;
-        let id = agents::parse_agent_id(&request.get_ref().spiffe_id)?;
-        let record = agents::set_banned(&self.services, &id, true).await?;
-        Ok(Response::new(agents::to_proto(&record)))
+        let caller = self.authorize(&request)?;
+        let agent_id = &request.get_ref().spiffe_id;
+        let result = match agents::parse_agent_id(agent_id) {
+            Ok(id) => agents::set_banned(&self.services, &id, true).await,
+            Err(status) => Err(status),
+        };
+        self.record(&caller, "agent.ban", [agent_id], &result);
+        Ok(Response::new(agents::to_proto(&result?)))
     }
 
     async fn unban_agent(
         &self,
         request: Request<admin_pb::AgentIdRequest>,
     ) -> Result<Response<admin_pb::Agent>, Status> {
-        self.authorize(&request)?;
-        let id = agents::parse_agent_id(&request.get_ref().spiffe_id)?;
-        let record = agents::set_banned(&self.services, &id, false).await?;
-        Ok(Response::new(agents::to_proto(&record)))
+        let caller = self.authorize(&request)?;
+        let agent_id = &request.get_ref().spiffe_id;
+        let result = match agents::parse_agent_id(agent_id) {
+            Ok(id) => agents::set_banned(&self.services, &id, false).await,
+            Err(status) => Err(status),
+        };
+        self.record(&caller, "agent.unban", [agent_id], &result);
+        Ok(Response::new(agents::to_proto(&result?)))
     }
 
     async fn get_bundle(
@@ -410,19 +518,47 @@ impl Admin for AdminService {
         &self,
         request: Request<admin_pb::MintX509SvidRequest>,
     ) -> Result<Response<admin_pb::MintX509SvidResponse>, Status> {
-        self.authorize(&request)?;
-        super::mint::mint(&self.services, request.get_ref()).map(Response::new)
+        let caller = self.authorize(&request)?;
+        let req = request.get_ref();
+        let result = super::mint::mint(&self.services, req);
+        let mut event = Event::new(&caller, "x509.mint").outcome(Outcome::of(&result));
+        event = match &result {
+            Ok(minted) => {
+                let leaf = minted.cert_chain.first().map(|der| der.as_slice());
+                let id = leaf.and_then(|der| {
+                    sigil::x509::spiffe_id_of(&rustls_pki_types::CertificateDer::from(der)).ok()
+                });
+                event
+                    .ids(id)
+                    .detail("expires_at", clock::rfc3339(minted.expires_at))
+                    .detail("dns_names", req.dns_names.clone())
+            }
+            Err(_) => event.detail("dns_names", req.dns_names.clone()),
+        };
+        self.audit.record(&event);
+        result.map(Response::new)
     }
 
     async fn set_federated_bundle(
         &self,
         request: Request<admin_pb::SetFederatedBundleRequest>,
     ) -> Result<Response<pb::Bundle>, Status> {
-        self.authorize(&request)?;
+        let caller = self.authorize(&request)?;
         let bundle = request.into_inner().bundle;
-        super::federation::set(&self.services, bundle)
-            .await
-            .map(Response::new)
+        let requested = bundle.as_ref().map(|b| b.trust_domain.clone());
+        let authorities = bundle.as_ref().map_or(0, |b| b.x509_authorities.len());
+        let result = super::federation::set(&self.services, bundle).await;
+        let trust_domain = match &result {
+            Ok(stored) => Some(stored.trust_domain.clone()),
+            Err(_) => requested.filter(|td| !td.is_empty()),
+        };
+        self.audit.record(
+            &Event::new(&caller, "bundle.set")
+                .ids(trust_domain)
+                .outcome(Outcome::of(&result))
+                .detail("x509_authorities", authorities),
+        );
+        result.map(Response::new)
     }
 
     async fn list_federated_bundles(
@@ -440,11 +576,16 @@ impl Admin for AdminService {
         &self,
         request: Request<admin_pb::DeleteFederatedBundleRequest>,
     ) -> Result<Response<pb::Bundle>, Status> {
-        self.authorize(&request)?;
+        let caller = self.authorize(&request)?;
         let trust_domain = &request.get_ref().trust_domain;
-        super::federation::delete(&self.services, trust_domain)
-            .await
-            .map(Response::new)
+        let result = super::federation::delete(&self.services, trust_domain).await;
+        self.record(
+            &caller,
+            "bundle.delete",
+            Some(trust_domain).filter(|td| !td.is_empty()),
+            &result,
+        );
+        result.map(Response::new)
     }
 }
 
@@ -457,6 +598,20 @@ mod tests {
             r#type: kind.into(),
             value: value.into(),
         }
+    }
+
+    #[test]
+    fn only_a_call_a_gate_admitted_has_a_caller() {
+        let status = caller_of(&Request::new(())).unwrap_err();
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+        assert_eq!(status.message(), "admin API: the caller was not authorized");
+
+        let mut request = Request::new(());
+        let caller = Caller::Admin {
+            spiffe_id: "spiffe://example.org/ops".parse().unwrap(),
+        };
+        request.extensions_mut().insert(caller.clone());
+        assert_eq!(caller_of(&request).unwrap(), caller);
     }
 
     #[test]

@@ -14,24 +14,27 @@ use rustls_pki_types::CertificateDer;
 use sigil::SpiffeId;
 use sigil::proto::sigil::agent::v1::agent_api_server::AgentApi;
 use sigil::proto::sigil::agent::v1::{
-    AgentSvid, AttestRequest, AttestResponse, AttestationParams, BatchNewX509SvidRequest,
-    BatchNewX509SvidResponse, RenewAgentRequest, RenewAgentResponse, SyncEntriesRequest,
-    SyncEntriesResponse, attest_request, attest_response,
+    AgentSvid, AttestRequest, AttestResponse, AttestationData, AttestationParams,
+    BatchNewX509SvidRequest, BatchNewX509SvidResponse, RenewAgentRequest, RenewAgentResponse,
+    SyncEntriesRequest, SyncEntriesResponse, attest_request, attest_response,
 };
 use sigil::x509::Csr;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use x509_parser::prelude::FromDer;
 
 use super::{Services, agents, internal, issue, sync};
+use crate::attest::{Attested, NodeAttestors, Step, x509pop};
 use crate::clock;
 use crate::store::AgentRecord;
-use crate::tokens::{MAX_TOKEN_LEN, TokenError, hex};
+use crate::tokens::hex;
 
 /// How long `Attest` waits for the agent's first message.
 const ATTEST_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The only node attestor of this version.
-pub(crate) const JOIN_TOKEN: &str = "join_token";
+/// How long `Attest` waits for the answer to a challenge.
+const CHALLENGE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Responses of `Attest`.
 pub(crate) type AttestStream = Pin<Box<dyn Stream<Item = Result<AttestResponse, Status>> + Send>>;
@@ -44,21 +47,101 @@ pub(crate) type SyncStream =
 #[derive(Debug, Clone)]
 pub(crate) struct AgentService {
     services: Arc<Services>,
-}
-
-/// What a valid first `Attest` message carries.
-#[derive(Debug)]
-pub(crate) struct Attestation<'a> {
-    /// The join token (secret; never logged).
-    pub(crate) token: &'a str,
-    /// The agent's CSR, signature verified.
-    pub(crate) csr: Csr,
+    attestors: Arc<NodeAttestors>,
 }
 
 impl AgentService {
-    /// A service over the shared state.
-    pub(crate) fn new(services: Arc<Services>) -> Self {
-        Self { services }
+    /// A service over the shared state that attests agents with
+    /// `attestors`.
+    pub(crate) fn new(services: Arc<Services>, attestors: Arc<NodeAttestors>) -> Self {
+        Self {
+            services,
+            attestors,
+        }
+    }
+
+    /// Sends the challenge, waits (at most [`CHALLENGE_TIMEOUT`]) for the
+    /// agent's answer on `stream`, and admits the agent when it verifies.
+    async fn challenge(
+        &self,
+        challenge: x509pop::Challenge,
+        csr: Csr,
+        mut stream: Streaming<AttestRequest>,
+        tx: &mpsc::Sender<Result<AttestResponse, Status>>,
+    ) -> Result<AgentSvid, Status> {
+        let ask = AttestResponse {
+            step: Some(attest_response::Step::Challenge(challenge.nonce().to_vec())),
+        };
+        tx.send(Ok(ask))
+            .await
+            .map_err(|_| Status::cancelled("the agent left"))?;
+        let answer = match tokio::time::timeout(CHALLENGE_TIMEOUT, stream.message()).await {
+            Err(_) => {
+                return Err(Status::deadline_exceeded(format!(
+                    "challenge_response: not received within {} s",
+                    CHALLENGE_TIMEOUT.as_secs()
+                )));
+            }
+            Ok(result) => result?,
+        };
+        let signature = match answer.and_then(|m| m.step) {
+            Some(attest_request::Step::ChallengeResponse(signature)) => signature,
+            Some(attest_request::Step::Params(_)) => {
+                return Err(Status::invalid_argument(
+                    "challenge_response: expected the answer to the challenge, got params",
+                ));
+            }
+            None => return Err(Status::invalid_argument("challenge_response: is required")),
+        };
+        let attested = challenge.verify(&signature).inspect_err(|status| {
+            tracing::warn!(error = %status.message(), "x509pop proof of possession refused");
+        })?;
+        self.admit(attested, &csr).await
+    }
+
+    /// Signs and records the SVID of an attested agent, unless it is banned.
+    async fn admit(&self, attested: Attested, csr: &Csr) -> Result<AgentSvid, Status> {
+        let agent_id = attested.agent_id.clone();
+        let _guard = self.services.agents.lock.lock().await;
+        let old = self
+            .services
+            .store
+            .get_agent(&agent_id)
+            .await
+            .map_err(|e| internal("reading the agent record", e))?;
+        if old.as_ref().is_some_and(|r| r.banned) {
+            tracing::warn!(
+                agent.id = %agent_id,
+                "attestation.type" = attested.attestor,
+                evidence = %attested.evidence,
+                "attestation of a banned agent refused"
+            );
+            return Err(agents::banned(&agent_id));
+        }
+        self.attestors.remember(&attested).await?;
+        let (svid, serial, expires_at) = self.sign_agent(csr, &agent_id).await?;
+        let created_at = old.map_or_else(clock::now_unix, |r| r.created_at);
+        self.save_agent(&AgentRecord {
+            spiffe_id: agent_id.clone(),
+            attestation_type: attested.attestor.into(),
+            serial,
+            previous_serial: None,
+            expires_at,
+            created_at,
+            banned: false,
+            selectors: attested.selectors,
+        })
+        .await?;
+        // Streams already open for this agent ID pick up its new node
+        // selectors, and so its new aliases.
+        self.services.agents.announce();
+        tracing::info!(
+            agent.id = %agent_id,
+            "attestation.type" = attested.attestor,
+            evidence = %attested.evidence,
+            "agent attested"
+        );
+        Ok(svid)
     }
 
     /// Identifies the caller by its client certificate: the leaf's SPIFFE ID
@@ -104,14 +187,28 @@ impl AgentService {
         Ok(record)
     }
 
-    /// Signs an agent SVID for `id` over the CSR's key.
-    fn sign_agent(&self, csr: &Csr, id: &SpiffeId) -> Result<(AgentSvid, String, i64), Status> {
-        let svid = self
-            .services
-            .ca
-            .authority()
+    /// Signs an agent SVID for `id` over the CSR's key, and records it
+    /// among the live SVIDs of the signing authority.
+    async fn sign_agent(
+        &self,
+        csr: &Csr,
+        id: &SpiffeId,
+    ) -> Result<(AgentSvid, String, i64), Status> {
+        let published = self.services.ca.current();
+        let svid = published
+            .active
             .sign_leaf(csr.public_key(), id, &[], self.services.agent_svid_ttl)
             .map_err(|e| internal("signing the agent SVID", e))?;
+        let expires_at = clock::to_unix(svid.not_after);
+        let agent_svid = [(crate::ca::live::AGENT_SVID.to_owned(), expires_at)];
+        if let Err(e) = self
+            .services
+            .svids
+            .record(id.as_str(), &published.active_id, agent_svid)
+            .await
+        {
+            tracing::warn!(agent.id = %id, error = %e, "cannot record the agent SVID signed");
+        }
         let leaf = svid
             .chain
             .first()
@@ -123,7 +220,7 @@ impl AgentService {
             cert_chain: svid.chain.iter().map(|c| c.to_vec()).collect(),
             bundle: Some(self.services.ca.bundle_proto()),
         };
-        Ok((answer, serial, clock::to_unix(svid.not_after)))
+        Ok((answer, serial, expires_at))
     }
 
     async fn save_agent(&self, record: &AgentRecord) -> Result<(), Status> {
@@ -139,34 +236,17 @@ impl AgentService {
     }
 }
 
-/// Checks the first `Attest` message: a `join_token` attestation with a
-/// UTF-8 token of at most [`MAX_TOKEN_LEN`] bytes, and a valid CSR.
-pub(crate) fn validate_attestation(params: &AttestationParams) -> Result<Attestation<'_>, Status> {
+/// Checks the first `Attest` message: attestation data, and a valid CSR.
+/// The evidence itself is checked by its attestor.
+pub(crate) fn validate_attestation(
+    params: &AttestationParams,
+) -> Result<(&AttestationData, Csr), Status> {
     let data = params
         .data
         .as_ref()
         .ok_or_else(|| Status::invalid_argument("params.data: is required"))?;
-    if data.r#type != JOIN_TOKEN {
-        return Err(Status::invalid_argument(format!(
-            "params.data.type: unsupported attestation type {:?}",
-            data.r#type
-        )));
-    }
-    if data.payload.is_empty() {
-        return Err(Status::invalid_argument(
-            "params.data.payload: the join token is required",
-        ));
-    }
-    if data.payload.len() > MAX_TOKEN_LEN {
-        return Err(Status::invalid_argument(format!(
-            "params.data.payload: a join token has at most {MAX_TOKEN_LEN} bytes"
-        )));
-    }
-    let token = std::str::from_utf8(&data.payload).map_err(|_| {
-        Status::invalid_argument("params.data.payload: the join token is not UTF-8")
-    })?;
     let csr = parse_csr("params.csr", &params.csr)?;
-    Ok(Attestation { token, csr })
+    Ok((data, csr))
 }
 
 /// Parses and verifies a CSR; errors name `field`.
@@ -181,13 +261,6 @@ pub(crate) fn parse_csr(field: &str, der: &[u8]) -> Result<Csr, Status> {
 pub(crate) fn serial_of(der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).ok()?;
     Some(hex(cert.raw_serial()))
-}
-
-fn token_status(e: TokenError) -> Status {
-    match e {
-        TokenError::Invalid | TokenError::Expired => Status::permission_denied(e.to_string()),
-        other => internal("consuming the join token", other),
-    }
 }
 
 #[tonic::async_trait]
@@ -217,50 +290,29 @@ impl AgentApi for AgentService {
             }
             None => return Err(Status::invalid_argument("params: is required")),
         };
-        let attestation = validate_attestation(&params)?;
-        let token = self
-            .services
-            .tokens
-            .consume(attestation.token)
-            .await
-            .map_err(token_status)?;
-        let agent_id = token.agent_id;
-
-        let _guard = self.services.agents.lock.lock().await;
-        let old = self
-            .services
-            .store
-            .get_agent(&agent_id)
-            .await
-            .map_err(|e| internal("reading the agent record", e))?;
-        if old.as_ref().is_some_and(|r| r.banned) {
-            tracing::warn!(agent.id = %agent_id, token.id = %token.token_id, "attestation of a banned agent refused");
-            return Err(agents::banned(&agent_id));
+        let (data, csr) = validate_attestation(&params)?;
+        match self.attestors.begin(&self.services.tokens, data).await? {
+            Step::Done(attested) => {
+                let svid = self.admit(attested, &csr).await?;
+                let reply = AttestResponse {
+                    step: Some(attest_response::Step::Result(svid)),
+                };
+                Ok(Response::new(Box::pin(tokio_stream::once(Ok(reply)))))
+            }
+            Step::Challenge(challenge) => {
+                let (tx, rx) = mpsc::channel(2);
+                let service = self.clone();
+                tokio::spawn(async move {
+                    let outcome = service.challenge(challenge, csr, stream, &tx).await;
+                    let reply = outcome.map(|svid| AttestResponse {
+                        step: Some(attest_response::Step::Result(svid)),
+                    });
+                    // The agent may have gone; nothing is left to tell it.
+                    let _ = tx.send(reply).await;
+                });
+                Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+            }
         }
-        let (svid, serial, expires_at) = self.sign_agent(&attestation.csr, &agent_id)?;
-        let created_at = old.map_or_else(clock::now_unix, |r| r.created_at);
-        self.save_agent(&AgentRecord {
-            spiffe_id: agent_id.clone(),
-            attestation_type: JOIN_TOKEN.into(),
-            serial,
-            previous_serial: None,
-            expires_at,
-            created_at,
-            banned: false,
-            selectors: sigil::Selectors::new(),
-        })
-        .await?;
-        tracing::info!(
-            agent.id = %agent_id,
-            "attestation.type" = JOIN_TOKEN,
-            token.id = %token.token_id,
-            "agent attested"
-        );
-
-        let reply = AttestResponse {
-            step: Some(attest_response::Step::Result(svid)),
-        };
-        Ok(Response::new(Box::pin(tokio_stream::once(Ok(reply)))))
     }
 
     async fn renew_agent(
@@ -269,7 +321,7 @@ impl AgentApi for AgentService {
     ) -> Result<Response<RenewAgentResponse>, Status> {
         let caller = self.authenticate(&request).await?;
         let csr = parse_csr("csr", &request.get_ref().csr)?;
-        let (svid, serial, expires_at) = self.sign_agent(&csr, &caller.spiffe_id)?;
+        let (svid, serial, expires_at) = self.sign_agent(&csr, &caller.spiffe_id).await?;
         // Read again under the lock: an eviction or a ban since the
         // authentication wins over this renewal.
         let _guard = self.services.agents.lock.lock().await;

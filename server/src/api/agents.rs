@@ -25,7 +25,7 @@ pub(crate) const BANNED_METADATA: &str = "sigil-agent-banned";
 pub(crate) struct AgentGate {
     /// Held while reading and writing an agent record.
     pub(crate) lock: Mutex<()>,
-    /// Bumped after each eviction, ban or unban.
+    /// Bumped after each attestation, eviction, ban or unban.
     pub(crate) changes: watch::Sender<u64>,
 }
 
@@ -39,7 +39,8 @@ impl Default for AgentGate {
 }
 
 impl AgentGate {
-    fn announce(&self) {
+    /// Tells every open entry stream that an agent record changed.
+    pub(crate) fn announce(&self) {
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 }

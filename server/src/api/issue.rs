@@ -18,7 +18,7 @@ use crate::clock;
 pub(crate) const MAX_BATCH: usize = 500;
 
 /// Validates every item, then signs them all with the signing authority of
-/// the moment (lifetimes capped so that the authorities can rotate),, or refuses the whole batch
+/// the moment (lifetimes capped so that the authorities can rotate), or refuses the whole batch
 /// with the first failing item's status.
 pub(crate) async fn batch(
     services: &Services,
@@ -34,9 +34,12 @@ pub(crate) async fn batch(
         )));
     }
 
+    // The record as it is now: its node selectors decide the agent's
+    // aliases.
+    let record = super::sync::current_record(services, agent).await?;
     let entitled: HashMap<String, Arc<Entry>> = services
         .registry
-        .entitled(agent)
+        .entitled(&record)
         .into_iter()
         .map(|e| (e.id.clone(), e))
         .collect();
@@ -55,7 +58,8 @@ pub(crate) async fn batch(
 
     // One authority for the whole batch, even if another becomes active
     // meanwhile.
-    let authority = services.ca.authority();
+    let published = services.ca.current();
+    let authority = Arc::clone(&published.active);
     let default_ttl = services.default_x509_svid_ttl;
     let max_ttl = services.ca.max_svid_ttl();
     let signed = parallel(checked, move |(entry, csr)| {
@@ -72,6 +76,14 @@ pub(crate) async fn batch(
             expires_at = %clock::rfc3339(svid.expires_at),
             "X509-SVID issued"
         );
+    }
+    let svids = signed.iter().map(|s| (s.entry_id.clone(), s.expires_at));
+    if let Err(e) = services
+        .svids
+        .record(agent.as_str(), &published.active_id, svids)
+        .await
+    {
+        tracing::warn!(agent.id = %agent, error = %e, "cannot record the SVIDs signed");
     }
     tracing::info!(agent.id = %agent, count = signed.len(), "signed a batch of X509-SVIDs");
     Ok(signed)

@@ -1,11 +1,12 @@
 //! The server's gRPC services: the agent API (TCP, mTLS) and the admin API
-//! (local Unix socket).
+//! (local Unix socket, and the agent API's port for admin workloads).
 
 pub(crate) mod admin;
 pub(crate) mod agent;
 pub(crate) mod agents;
 mod federation;
 mod issue;
+pub(crate) mod localauthority;
 mod mint;
 mod sync;
 
@@ -39,6 +40,8 @@ pub(crate) struct Services {
     pub(crate) shutdown: Shutdown,
     /// Serializes agent record changes and announces evictions and bans.
     pub(crate) agents: agents::AgentGate,
+    /// The live SVIDs each authority signed, and on which agents.
+    pub(crate) svids: Arc<crate::ca::live::LiveSvids>,
 }
 
 /// An INTERNAL status for a server-side failure, which is logged.

@@ -1,5 +1,7 @@
 //! The command line: `run` starts the server; `entry`, `token`, `bundle`
-//! and `agent` are admin commands that talk to a running server over its admin socket.
+//! and `agent` are admin commands that talk to a running server over its
+//! admin socket or, with the global `--server-address`, over mTLS as an
+//! admin workload.
 //!
 //! Exit codes: 0 success, 1 failure (printed as `Error: …` on stderr),
 //! 2 usage or configuration error.
@@ -9,6 +11,7 @@ mod bundle;
 pub(crate) mod client;
 mod entry;
 mod healthcheck;
+mod localauthority;
 mod output;
 mod token;
 mod x509;
@@ -24,8 +27,33 @@ use crate::config::{self, DEFAULT_ADMIN_SOCKET, RunArgs};
 #[derive(Debug, Parser)]
 #[command(name = "sigil-server", version)]
 struct Cli {
+    #[command(flatten)]
+    remote: RemoteArgs,
     #[command(subcommand)]
     command: Command,
+}
+
+/// The global options that send admin commands over the network instead
+/// of the admin socket.
+#[derive(Debug, Clone, Default, clap::Args)]
+struct RemoteArgs {
+    /// Talk to the server at HOST:PORT (its agent API port) over mTLS as an
+    /// admin workload, instead of over the admin socket.
+    #[arg(long, value_name = "HOST:PORT", global = true)]
+    server_address: Option<String>,
+    /// Directory with the admin workload's SVID, as `sigil-agent api fetch
+    /// x509 --write DIR` writes it (svid.0.pem, svid.0.key, bundle.0.pem).
+    #[arg(long, value_name = "DIR", global = true, conflicts_with_all = ["cert", "key", "bundle"])]
+    svid_dir: Option<PathBuf>,
+    /// The admin workload's X509-SVID chain (PEM), instead of --svid-dir.
+    #[arg(long, value_name = "FILE", global = true, requires_all = ["key", "bundle"])]
+    cert: Option<PathBuf>,
+    /// The SVID's private key (PEM), with --cert.
+    #[arg(long, value_name = "FILE", global = true, requires = "cert")]
+    key: Option<PathBuf>,
+    /// The trust domain's bundle (PEM), with --cert.
+    #[arg(long, value_name = "FILE", global = true, requires = "cert")]
+    bundle: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -47,6 +75,10 @@ enum Command {
     /// Issues X.509-SVIDs without an entry.
     #[command(subcommand)]
     X509(x509::X509Command),
+    /// Shows, prepares, activates, taints and revokes the signing
+    /// authorities.
+    #[command(subcommand, name = "localauthority")]
+    LocalAuthority(localauthority::LocalAuthorityCommand),
     /// Exits 0 only when the server answers on its admin socket.
     Healthcheck(healthcheck::HealthcheckArgs),
     /// Checks the configuration as `run` does, without starting anything.
@@ -74,6 +106,12 @@ pub(crate) enum Output {
 /// Parses the command line and runs the command.
 pub(crate) fn main() -> ExitCode {
     let cli = Cli::parse();
+    let server_command = matches!(cli.command, Command::Run(_) | Command::Validate(_));
+    match remote(cli.remote, server_command) {
+        Ok(Some(remote)) => client::use_remote(remote),
+        Ok(None) => {}
+        Err(e) => e.exit(),
+    }
     match cli.command {
         Command::Run(args) => run(&args),
         Command::Entry(cmd) => admin(entry::run(cmd)),
@@ -81,8 +119,46 @@ pub(crate) fn main() -> ExitCode {
         Command::Bundle(cmd) => admin(bundle::run(cmd)),
         Command::Agent(cmd) => admin(agent::run(cmd)),
         Command::X509(cmd) => admin(x509::run(cmd)),
+        Command::LocalAuthority(cmd) => admin(localauthority::run(cmd)),
         Command::Healthcheck(args) => admin(healthcheck::run(args)),
         Command::Validate(args) => validate(&args),
+    }
+}
+
+/// The remote server the global options choose, if any; `server_command`
+/// (`run`, `validate`) takes none.
+fn remote(args: RemoteArgs, server_command: bool) -> Result<Option<client::Remote>, clap::Error> {
+    use clap::CommandFactory;
+    use clap::error::ErrorKind;
+
+    let identity_given = args.svid_dir.is_some() || args.cert.is_some();
+    let Some(address) = args.server_address else {
+        if identity_given {
+            return Err(Cli::command().error(
+                ErrorKind::MissingRequiredArgument,
+                "--svid-dir and --cert are used with --server-address",
+            ));
+        }
+        return Ok(None);
+    };
+    if server_command {
+        return Err(Cli::command().error(
+            ErrorKind::ArgumentConflict,
+            "--server-address is for admin commands, not for `run` or `validate`",
+        ));
+    }
+    match (args.svid_dir, args.cert, args.key, args.bundle) {
+        (Some(dir), None, None, None) => Ok(Some(client::Remote::from_svid_dir(address, &dir))),
+        (None, Some(cert), Some(key), Some(bundle)) => Ok(Some(client::Remote {
+            address,
+            cert,
+            key,
+            bundle,
+        })),
+        _ => Err(Cli::command().error(
+            ErrorKind::MissingRequiredArgument,
+            "--server-address needs --svid-dir DIR, or --cert, --key and --bundle",
+        )),
     }
 }
 
@@ -162,5 +238,117 @@ mod tests {
     #[test]
     fn the_command_line_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    fn remote_of(args: &[&str]) -> Result<Option<client::Remote>, clap::error::ErrorKind> {
+        let cli = Cli::try_parse_from(args).map_err(|e| e.kind())?;
+        let server_command = matches!(cli.command, Command::Run(_) | Command::Validate(_));
+        remote(cli.remote, server_command).map_err(|e| e.kind())
+    }
+
+    #[test]
+    fn the_remote_flags_apply_to_every_admin_command() {
+        let expected = client::Remote::from_svid_dir("h:8081".into(), std::path::Path::new("/s"));
+        for args in [
+            &[
+                "sigil-server",
+                "entry",
+                "show",
+                "--server-address",
+                "h:8081",
+                "--svid-dir",
+                "/s",
+            ][..],
+            &[
+                "sigil-server",
+                "--server-address",
+                "h:8081",
+                "--svid-dir",
+                "/s",
+                "agent",
+                "list",
+            ],
+            &[
+                "sigil-server",
+                "bundle",
+                "--server-address",
+                "h:8081",
+                "show",
+                "--svid-dir",
+                "/s",
+            ],
+        ] {
+            assert_eq!(remote_of(args).unwrap(), Some(expected.clone()), "{args:?}");
+        }
+        let explicit = remote_of(&[
+            "sigil-server",
+            "token",
+            "generate",
+            "--server-address",
+            "h:1",
+            "--cert",
+            "c.pem",
+            "--key",
+            "k.pem",
+            "--bundle",
+            "b.pem",
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(explicit.cert, PathBuf::from("c.pem"));
+        assert_eq!(explicit.key, PathBuf::from("k.pem"));
+        assert_eq!(explicit.bundle, PathBuf::from("b.pem"));
+        assert_eq!(remote_of(&["sigil-server", "entry", "show"]).unwrap(), None);
+    }
+
+    #[test]
+    fn incomplete_or_misplaced_remote_flags_are_usage_errors() {
+        use clap::error::ErrorKind;
+        let cases: [&[&str]; 5] = [
+            &["sigil-server", "entry", "show", "--server-address", "h:1"],
+            &["sigil-server", "entry", "show", "--svid-dir", "/s"],
+            &[
+                "sigil-server",
+                "entry",
+                "show",
+                "--server-address",
+                "h:1",
+                "--cert",
+                "c",
+            ],
+            &[
+                "sigil-server",
+                "entry",
+                "show",
+                "--server-address",
+                "h:1",
+                "--svid-dir",
+                "/s",
+                "--cert",
+                "c",
+                "--key",
+                "k",
+                "--bundle",
+                "b",
+            ],
+            &[
+                "sigil-server",
+                "run",
+                "--server-address",
+                "h:1",
+                "--svid-dir",
+                "/s",
+            ],
+        ];
+        for args in cases {
+            let kind = remote_of(args).unwrap_err();
+            assert!(
+                matches!(
+                    kind,
+                    ErrorKind::MissingRequiredArgument | ErrorKind::ArgumentConflict
+                ),
+                "{args:?}: {kind:?}"
+            );
+        }
     }
 }

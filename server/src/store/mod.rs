@@ -1,5 +1,6 @@
 //! Durable state of the server: registration entries, the entry revision
-//! counter, join tokens, attested agents and other trust domains' bundles.
+//! counter, join tokens, attested agents, used k8s_psat tokens and other
+//! trust domains' bundles.
 //!
 //! [`Store`] is backend-neutral: records travel as serde values of the
 //! domain types, so a SQL backend can implement it as well as the embedded
@@ -39,6 +40,16 @@ pub(crate) struct JoinTokenRecord {
     /// The SPIFFE ID the agent attesting with the token receives.
     pub(crate) agent_id: SpiffeId,
     /// Expiry in seconds since the Unix epoch.
+    pub(crate) expires_at: i64,
+}
+
+/// A k8s_psat token the server accepted, stored under its SHA-256 (never
+/// the token itself) until it expires.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct UsedTokenRecord {
+    /// The agent ID the token attested: the only one it may attest again.
+    pub(crate) agent_id: SpiffeId,
+    /// The token's expiry in seconds since the Unix epoch.
     pub(crate) expires_at: i64,
 }
 
@@ -114,6 +125,19 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug {
         token_hash: &[u8],
     ) -> Result<Option<JoinTokenRecord>, StoreError>;
 
+    /// Inserts or replaces a used k8s_psat token under its SHA-256.
+    async fn put_used_token(
+        &self,
+        digest: &[u8],
+        record: &UsedTokenRecord,
+    ) -> Result<(), StoreError>;
+
+    /// Every used k8s_psat token with its SHA-256.
+    async fn list_used_tokens(&self) -> Result<Vec<(Vec<u8>, UsedTokenRecord)>, StoreError>;
+
+    /// Removes used k8s_psat tokens, by SHA-256.
+    async fn delete_used_tokens(&self, digests: &[Vec<u8>]) -> Result<(), StoreError>;
+
     /// Inserts or replaces an agent, keyed by its SPIFFE ID.
     async fn put_agent(&self, record: &AgentRecord) -> Result<(), StoreError>;
 
@@ -144,6 +168,20 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug {
         &self,
         trust_domain: &str,
     ) -> Result<Option<FederatedBundleRecord>, StoreError>;
+
+    /// Inserts or replaces SVIDs in the index of live SVIDs (keyed by agent
+    /// and entry), without waiting for durability.
+    async fn put_issued_svids(
+        &self,
+        records: &[crate::ca::live::IssuedSvidRecord],
+    ) -> Result<(), StoreError>;
+
+    /// Every SVID in the index of live SVIDs.
+    async fn list_issued_svids(&self)
+    -> Result<Vec<crate::ca::live::IssuedSvidRecord>, StoreError>;
+
+    /// Removes SVIDs from the index of live SVIDs, by key.
+    async fn delete_issued_svids(&self, keys: &[Vec<u8>]) -> Result<(), StoreError>;
 
     /// Makes every write so far durable.
     async fn flush(&self) -> Result<(), StoreError>;

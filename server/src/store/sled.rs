@@ -1,6 +1,7 @@
 //! The embedded [`Store`] backend, on sled.
 //!
 //! Trees: `entries` (entry ID → JSON entry), `join_tokens` (SHA-256 of the
+//! token → JSON record), `used_tokens` (SHA-256 of an accepted k8s_psat
 //! token → JSON record), `agents` (SPIFFE ID → JSON record),
 //! `federated_bundles` (trust domain name → JSON record) and `meta` (the
 //! revision counter, a big-endian u64, and the authority journal, JSON).
@@ -11,11 +12,19 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sigil::{Entry, SpiffeId};
 
-use super::{AgentRecord, FederatedBundleRecord, JoinTokenRecord, Store, StoreError};
+use super::{
+    AgentRecord, FederatedBundleRecord, JoinTokenRecord, Store, StoreError, UsedTokenRecord,
+};
 
 const REVISION_KEY: &[u8] = b"entry_revision";
 /// Key of the authority journal (JSON) in `meta`.
 const CA_JOURNAL_KEY: &[u8] = b"ca_journal";
+
+/// How many times [`SledStore::open`] tries a locked database.
+const LOCK_ATTEMPTS: u32 = 100;
+
+/// The pause between those attempts.
+const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// A sled database holding the server's state.
 #[derive(Debug, Clone)]
@@ -23,29 +32,61 @@ pub(crate) struct SledStore {
     db: sled::Db,
     entries: sled::Tree,
     join_tokens: sled::Tree,
+    used_tokens: sled::Tree,
     agents: sled::Tree,
     meta: sled::Tree,
     federated_bundles: sled::Tree,
+    issued_svids: sled::Tree,
 }
 
 impl SledStore {
     /// Opens (or creates) the database in `path`.
+    ///
+    /// The database's file lock is released only when sled's background
+    /// flusher of a previous open has stopped, which nothing announces; a
+    /// locked database is therefore tried again for up to
+    /// [`LOCK_ATTEMPTS`] × [`LOCK_RETRY`] before it is reported as held by
+    /// another process.
     pub(crate) fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new().path(path).open().map_err(|e| match e {
-            sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
-                StoreError::Backend(format!(
-                    "{} is locked by another process (is another server using this data_dir?)",
-                    path.display()
-                ))
+        let mut attempt = 1;
+        loop {
+            match sled::Config::new().path(path).open() {
+                Ok(db) => return Self::with_db(db),
+                Err(sled::Error::Io(io)) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                    if attempt == LOCK_ATTEMPTS {
+                        return Err(StoreError::Backend(format!(
+                            "{} is locked by another process (is another server using this data_dir?)",
+                            path.display()
+                        )));
+                    }
+                    attempt += 1;
+                    std::thread::sleep(LOCK_RETRY);
+                }
+                Err(other) => return Err(backend(other)),
             }
-            other => backend(other),
-        })?;
+        }
+    }
+
+    /// A database deleted when dropped.
+    #[cfg(test)]
+    pub(crate) fn temporary() -> Result<Self, StoreError> {
+        Self::with_db(
+            sled::Config::new()
+                .temporary(true)
+                .open()
+                .map_err(backend)?,
+        )
+    }
+
+    fn with_db(db: sled::Db) -> Result<Self, StoreError> {
         Ok(Self {
             entries: db.open_tree("entries").map_err(backend)?,
             join_tokens: db.open_tree("join_tokens").map_err(backend)?,
+            used_tokens: db.open_tree("used_tokens").map_err(backend)?,
             agents: db.open_tree("agents").map_err(backend)?,
             meta: db.open_tree("meta").map_err(backend)?,
             federated_bundles: db.open_tree("federated_bundles").map_err(backend)?,
+            issued_svids: db.open_tree("issued_svids").map_err(backend)?,
             db,
         })
     }
@@ -139,6 +180,35 @@ impl Store for SledStore {
             .transpose()
     }
 
+    async fn put_used_token(
+        &self,
+        digest: &[u8],
+        record: &UsedTokenRecord,
+    ) -> Result<(), StoreError> {
+        self.used_tokens
+            .insert(digest, encode(record)?)
+            .map_err(backend)?;
+        Ok(())
+    }
+
+    async fn list_used_tokens(&self) -> Result<Vec<(Vec<u8>, UsedTokenRecord)>, StoreError> {
+        self.used_tokens
+            .iter()
+            .map(|item| {
+                let (k, v) = item.map_err(backend)?;
+                Ok((k.to_vec(), decode(b"used token", &v)?))
+            })
+            .collect()
+    }
+
+    async fn delete_used_tokens(&self, digests: &[Vec<u8>]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for digest in digests {
+            batch.remove(digest.as_slice());
+        }
+        self.used_tokens.apply_batch(batch).map_err(backend)
+    }
+
     async fn put_agent(&self, record: &AgentRecord) -> Result<(), StoreError> {
         self.agents
             .insert(record.spiffe_id.as_str().as_bytes(), encode(record)?)
@@ -219,6 +289,37 @@ impl Store for SledStore {
             .insert(CA_JOURNAL_KEY, encode(journal)?)
             .map_err(backend)?;
         Ok(())
+    }
+
+    async fn put_issued_svids(
+        &self,
+        records: &[crate::ca::live::IssuedSvidRecord],
+    ) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for record in records {
+            batch.insert(record.key(), encode(record)?);
+        }
+        self.issued_svids.apply_batch(batch).map_err(backend)
+    }
+
+    async fn list_issued_svids(
+        &self,
+    ) -> Result<Vec<crate::ca::live::IssuedSvidRecord>, StoreError> {
+        self.issued_svids
+            .iter()
+            .map(|item| {
+                let (key, value) = item.map_err(backend)?;
+                decode(&key, &value)
+            })
+            .collect()
+    }
+
+    async fn delete_issued_svids(&self, keys: &[Vec<u8>]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for key in keys {
+            batch.remove(key.as_slice());
+        }
+        self.issued_svids.apply_batch(batch).map_err(backend)
     }
 
     async fn flush(&self) -> Result<(), StoreError> {
@@ -307,6 +408,40 @@ mod tests {
         );
         assert_eq!(store.take_join_token(b"hash").await.unwrap(), Some(token()));
         assert!(store.next_revision().await.unwrap() > r2);
+    }
+
+    #[tokio::test]
+    async fn used_tokens_survive_a_reopen_and_are_deleted_by_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let record = |agent: &str, expires_at| UsedTokenRecord {
+            agent_id: format!("spiffe://example.org/{agent}").parse().unwrap(),
+            expires_at,
+        };
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            store
+                .put_used_token(&[1; 32], &record("a", 10))
+                .await
+                .unwrap();
+            store
+                .put_used_token(&[2; 32], &record("b", 20))
+                .await
+                .unwrap();
+            store.flush().await.unwrap();
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(
+            store.list_used_tokens().await.unwrap(),
+            [
+                (vec![1; 32], record("a", 10)),
+                (vec![2; 32], record("b", 20))
+            ]
+        );
+        store.delete_used_tokens(&[vec![1; 32]]).await.unwrap();
+        assert_eq!(
+            store.list_used_tokens().await.unwrap(),
+            [(vec![2; 32], record("b", 20))]
+        );
     }
 
     #[tokio::test]
