@@ -47,6 +47,7 @@ async fn main() {
         .create_join_token(CreateJoinTokenRequest {
             agent_id: format!("spiffe://{TD}/node/bench"),
             ttl: 600,
+            ..Default::default()
         })
         .await
         .unwrap()

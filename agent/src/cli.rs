@@ -49,7 +49,7 @@ enum FetchWhat {
 }
 
 /// Parses the command line and runs the command.
-pub(crate) fn main() -> ExitCode {
+pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let command = match cli.command {
         Command::Run(args) => return run(*args),

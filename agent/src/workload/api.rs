@@ -9,7 +9,8 @@
 //!   subset of the caller's and that have an SVID, in snapshot order, so the
 //!   first (the default identity) stays stable (WA-28);
 //! - a stream sends its first message at once and afterwards only when what
-//!   the caller gets changed, each time the full state (WA-15..WA-17);
+//!   the caller gets changed, each time the full state (WA-15..WA-17); callers
+//!   that get the same SVIDs from a snapshot share one response, built once;
 //! - a caller with no identity gets `PERMISSION_DENIED` `no identity issued`
 //!   (WA-8, RS-7), also when its identities disappear later (WA-14); one
 //!   whose entries have no SVID yet waits up to [`PENDING_WAIT`] first;
@@ -20,7 +21,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use sigil::Selectors;
@@ -71,6 +72,10 @@ pub(crate) const WIT_UNSUPPORTED: &str = "WIT-SVIDs are not supported by this ag
 /// `no identity issued`.
 pub(crate) const PENDING_WAIT: Duration = Duration::from_secs(5);
 
+/// The most X.509-SVID responses kept for one snapshot (one per distinct
+/// set of SVIDs callers get); more distinct sets than this start it afresh.
+const MAX_CACHED_RESPONSES: usize = 64;
+
 /// The server-streaming responses of this service.
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -86,6 +91,7 @@ pub(crate) struct WorkloadApi {
     snapshots: SnapshotReceiver,
     stopping: watch::Receiver<bool>,
     attestor: Arc<Attestor>,
+    responses: Arc<ResponseCache>,
 }
 
 // === impl WorkloadApi ===
@@ -103,6 +109,7 @@ impl WorkloadApi {
             snapshots,
             stopping,
             attestor,
+            responses: Arc::default(),
         }
     }
 
@@ -147,7 +154,11 @@ impl SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         let (peer, selectors) = self.attest_caller(&request).await?;
         tracing::debug!(pid = peer.pid, uid = peer.uid, "X.509-SVID stream opened");
-        Ok(Response::new(self.stream(X509SvidFeed { selectors })))
+        let responses = Arc::clone(&self.responses);
+        Ok(Response::new(self.stream(X509SvidFeed {
+            selectors,
+            responses,
+        })))
     }
 
     async fn fetch_x509_bundles(
@@ -245,8 +256,8 @@ trait Feed: Send + 'static {
     /// What the caller gets from `snapshot`, cheaply.
     fn view(&self, snapshot: &Snapshot) -> View<Self::Key>;
 
-    /// The full response, for a snapshot whose view is ready.
-    fn build(&self, snapshot: &Snapshot) -> Self::Response;
+    /// The full response, for a snapshot whose view is ready with `key`.
+    fn build(&self, snapshot: &Snapshot, key: &Self::Key) -> Self::Response;
 }
 
 /// Why a stream stopped waiting.
@@ -276,7 +287,7 @@ fn drive<F: Feed>(
                 View::Ready(key) => {
                     pending_until = None;
                     if last_sent.as_ref() != Some(&key) {
-                        yield Ok(feed.build(&snapshot));
+                        yield Ok(feed.build(&snapshot, &key));
                         last_sent = Some(key);
                     }
                 }
@@ -350,8 +361,8 @@ fn served<'a>(snapshot: &'a Snapshot, selectors: &Selectors) -> Served<'a> {
 
 /// What the caller's X.509-SVID response holds: the SVIDs (compared by
 /// identity: a rotated SVID is a new `Arc`) with their hints, and the
-/// bundle.
-#[derive(Debug)]
+/// bundle. Equal keys make equal responses.
+#[derive(Debug, Clone)]
 struct X509SvidKey {
     svids: Vec<(Arc<Svid>, String)>,
     bundle: Arc<Vec<u8>>,
@@ -369,9 +380,63 @@ impl PartialEq for X509SvidKey {
     }
 }
 
+/// The X.509-SVID responses built from the latest snapshot, by what they
+/// hold: callers that get the same SVIDs share one response instead of each
+/// building it (a parse of every leaf for its SPIFFE ID, and copies of the
+/// chains, keys and bundle). Emptied when a response is built from a newer
+/// snapshot.
+#[derive(Debug, Default)]
+struct ResponseCache {
+    latest: Mutex<CachedResponses>,
+}
+
+#[derive(Debug, Default)]
+struct CachedResponses {
+    /// The snapshot version the responses were built from.
+    version: u64,
+    responses: Vec<(X509SvidKey, Arc<X509svidResponse>)>,
+}
+
+impl ResponseCache {
+    /// The response for `key`, from the snapshot `version`: the one built
+    /// before, or `build`'s.
+    fn get_or_build(
+        &self,
+        version: u64,
+        key: &X509SvidKey,
+        build: impl FnOnce() -> X509svidResponse,
+    ) -> X509svidResponse {
+        let cached = {
+            let latest = self.latest.lock().unwrap_or_else(PoisonError::into_inner);
+            latest
+                .responses
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, response)| Arc::clone(response))
+        };
+        // Copied out of the cache without holding the lock.
+        if let Some(response) = cached {
+            return X509svidResponse::clone(&response);
+        }
+        let response = build();
+        let mut latest = self.latest.lock().unwrap_or_else(PoisonError::into_inner);
+        if version > latest.version || latest.responses.len() >= MAX_CACHED_RESPONSES {
+            latest.version = version;
+            latest.responses.clear();
+        }
+        if version == latest.version {
+            latest
+                .responses
+                .push((key.clone(), Arc::new(response.clone())));
+        }
+        response
+    }
+}
+
 /// `FetchX509SVID`.
 struct X509SvidFeed {
     selectors: Selectors,
+    responses: Arc<ResponseCache>,
 }
 
 impl Feed for X509SvidFeed {
@@ -396,7 +461,15 @@ impl Feed for X509SvidFeed {
         }
     }
 
-    fn build(&self, snapshot: &Snapshot) -> X509svidResponse {
+    fn build(&self, snapshot: &Snapshot, key: &X509SvidKey) -> X509svidResponse {
+        self.responses
+            .get_or_build(snapshot.version, key, || self.build_new(snapshot))
+    }
+}
+
+impl X509SvidFeed {
+    /// The response for `snapshot`, built anew.
+    fn build_new(&self, snapshot: &Snapshot) -> X509svidResponse {
         let svids = served(snapshot, &self.selectors)
             .svids
             .into_iter()
@@ -446,7 +519,7 @@ impl Feed for X509BundlesFeed {
         }
     }
 
-    fn build(&self, snapshot: &Snapshot) -> X509BundlesResponse {
+    fn build(&self, snapshot: &Snapshot, _key: &Arc<Vec<u8>>) -> X509BundlesResponse {
         let td = snapshot.bundle.trust_domain().id_string();
         X509BundlesResponse {
             crl: Vec::new(),
@@ -470,6 +543,7 @@ mod tests {
         let (_stop_tx, stop_rx) = watch::channel(false);
         let feed = X509SvidFeed {
             selectors: own_selectors(),
+            responses: Arc::default(),
         };
 
         let started = Instant::now();
@@ -489,6 +563,7 @@ mod tests {
         let (_stop_tx, stop_rx) = watch::channel(false);
         let feed = X509SvidFeed {
             selectors: own_selectors(),
+            responses: Arc::default(),
         };
         let mut stream = Box::pin(drive(feed, rx, stop_rx));
 
@@ -572,7 +647,11 @@ mod tests {
             ],
             1,
         );
-        let response = X509SvidFeed { selectors: mine }.build(&snapshot);
+        let response = X509SvidFeed {
+            selectors: mine,
+            responses: Arc::default(),
+        }
+        .build_new(&snapshot);
         let got: Vec<(&str, &str)> = response
             .svids
             .iter()
@@ -587,6 +666,42 @@ mod tests {
                 ("spiffe://example.org/f", ""),
             ]
         );
+    }
+
+    #[test]
+    fn callers_with_the_same_svids_share_one_response_until_the_snapshot_changes() {
+        let ca = Ca::new();
+        let mine = own_selectors();
+        let responses = Arc::new(ResponseCache::default());
+        let caller = || X509SvidFeed {
+            selectors: own_selectors(),
+            responses: Arc::clone(&responses),
+        };
+        let cached = || responses.latest.lock().unwrap().responses.len();
+        let ready = |feed: &X509SvidFeed, snapshot: &Snapshot| match feed.view(snapshot) {
+            View::Ready(key) => key,
+            _ => panic!("no response for the caller"),
+        };
+
+        let first = ca.snapshot(vec![ca.identity("/web", &mine, "")], 1);
+        let (a, b) = (caller(), caller());
+        let from_a = a.build(&first, &ready(&a, &first));
+        let from_b = b.build(&first, &ready(&b, &first));
+        assert_eq!(from_a, from_b);
+        assert_eq!(from_a, a.build_new(&first));
+        assert_eq!(cached(), 1, "one response for both callers");
+
+        // A rotated SVID is a new response, and the old one is let go.
+        let rotated = ca.snapshot(vec![ca.identity("/web", &mine, "")], 2);
+        let from_a = a.build(&rotated, &ready(&a, &rotated));
+        assert_eq!(from_a, a.build_new(&rotated));
+        assert_ne!(from_a.svids[0].x509_svid, from_b.svids[0].x509_svid);
+        assert_eq!(cached(), 1);
+
+        // A caller still on the older snapshot gets its response, built
+        // for it.
+        assert_eq!(b.build(&first, &ready(&b, &first)), from_b);
+        assert_eq!(cached(), 1);
     }
 
     #[test]

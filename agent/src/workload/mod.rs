@@ -7,7 +7,7 @@
 //! - [`cli`]: `sigil-agent api fetch x509` and `sigil-agent api watch`.
 
 mod api;
-mod attestor;
+pub mod attestor;
 pub(crate) mod cli;
 mod client;
 pub(crate) mod health;

@@ -10,7 +10,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum HttpError {
+pub enum HttpError {
     /// The request could not be built (a path with invalid characters).
     #[error("invalid request: {0}")]
     Request(#[from] hyper::http::Error),

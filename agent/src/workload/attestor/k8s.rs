@@ -48,7 +48,8 @@ use tokio::task::AbortHandle;
 use tokio_rustls::TlsConnector;
 use zeroize::Zeroizing;
 
-use super::settings::{K8sConfig, KUBELET_PORT};
+pub use super::settings::K8sConfig;
+use super::settings::KUBELET_PORT;
 use super::{Facts, add, cgroup, http};
 use crate::retry::{RepeatedErrors, Report};
 
@@ -68,7 +69,7 @@ const MAX_BODY: usize = 64 << 20;
 
 /// Why a caller's pod could not be described.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum K8sError {
+pub enum K8sError {
     /// The service-account token could not be read.
     #[error("cannot read the token {path}: {source}", path = .path.display())]
     Token {
@@ -144,7 +145,7 @@ pub(crate) enum K8sError {
 
 /// The kubelet's HTTPS endpoint: `https://<host>[:<port>]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct KubeletUrl {
+pub struct KubeletUrl {
     /// A DNS name or an IP address (IPv6 without brackets).
     host: String,
     port: u16,
@@ -153,7 +154,7 @@ pub(crate) struct KubeletUrl {
 impl KubeletUrl {
     /// Parses `https://<host>[:<port>]` (an IPv6 address in brackets, an
     /// optional trailing `/`).
-    pub(crate) fn parse(url: &str) -> Result<Self, &'static str> {
+    pub fn parse(url: &str) -> Result<Self, &'static str> {
         let rest = url
             .strip_prefix("https://")
             .ok_or("must start with https://")?;
@@ -572,7 +573,7 @@ impl Shared {
 
 /// Attests pods and containers from the kubelet's pod list.
 #[derive(Debug)]
-pub(crate) struct K8sAttestor {
+pub struct K8sAttestor {
     shared: Arc<Shared>,
     refresher: AbortHandle,
 }
@@ -580,7 +581,7 @@ pub(crate) struct K8sAttestor {
 impl K8sAttestor {
     /// An attestor for the kubelet `config` names; starts the background
     /// refresh (the first fetch at once) on the current tokio runtime.
-    pub(crate) fn new(config: &K8sConfig) -> Result<Self, K8sError> {
+    pub fn new(config: &K8sConfig) -> Result<Self, K8sError> {
         let shared = Arc::new(Shared {
             client: KubeletClient::new(config)?,
             index: ArcSwap::from_pointee(PodIndex::default()),
@@ -611,11 +612,7 @@ impl K8sAttestor {
     }
 
     /// Adds the selectors of the process `facts` describe.
-    pub(crate) async fn collect(
-        &self,
-        facts: &Facts,
-        selectors: &mut Selectors,
-    ) -> Result<(), K8sError> {
+    pub async fn collect(&self, facts: &Facts, selectors: &mut Selectors) -> Result<(), K8sError> {
         let Some(container) = cgroup::container(&facts.cgroup) else {
             return Ok(());
         };

@@ -17,7 +17,7 @@ mod cgroup;
 mod digest;
 mod docker;
 mod http;
-mod k8s;
+pub mod k8s;
 mod names;
 mod procfs;
 mod settings;
@@ -114,10 +114,11 @@ pub(crate) struct Attestor {
 
 /// What the optional attestors share about the process being attested.
 #[derive(Debug)]
-struct Facts {
-    pid: u32,
+pub struct Facts {
+    /// The process.
+    pub pid: u32,
     /// The contents of `/proc/<pid>/cgroup`.
-    cgroup: String,
+    pub cgroup: String,
 }
 
 // === impl Peer ===

@@ -74,18 +74,18 @@ struct AttestorsFile {
 
 /// `[workload_attestors.k8s]`, checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct K8sConfig {
+pub struct K8sConfig {
     /// The kubelet's HTTPS endpoint.
-    pub(crate) kubelet_url: KubeletUrl,
+    pub kubelet_url: KubeletUrl,
     /// The bearer token file, read at each fetch (projected tokens
     /// rotate).
-    pub(crate) token_path: PathBuf,
+    pub token_path: PathBuf,
     /// The CA certificates (PEM) the kubelet's certificate must chain to;
     /// `None` skips verification.
-    pub(crate) kubelet_ca_path: Option<PathBuf>,
+    pub kubelet_ca_path: Option<PathBuf>,
     /// The shortest time between two fetches of the pod list made without
     /// an unknown pod asking for one.
-    pub(crate) refresh_interval: Duration,
+    pub refresh_interval: Duration,
 }
 
 /// `[workload_attestors.k8s]` as written.

@@ -1,125 +1,13 @@
-use std::sync::Mutex;
-
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
-
 use super::*;
 
-const PODS: &str = include_str!("../fixtures/kubelet_pods.json");
-const TOKEN: &str = "eyJhbGciOiJSUzI1NiJ9.sa-token.sig";
+mod kubelet;
+
+use self::kubelet::{Kubelet, PODS, REPORT};
+
 const WEB: &str = "3f4b2c1d9e8a7f6b5c4d3e2f1a0b9c8d7e6f5a4b3c2d1e0f9a8b7c6d5e4f3a2b";
 const ENVOY: &str = "b1a2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90";
 const WEB_POD: &str = "7d2a6c3e-91b4-4f0a-8e5d-2b1c9a8f7e6d";
 const BATCH_POD: &str = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
-const REPORT: &str = "c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00c0ffee00";
-
-/// A kubelet stand-in: answers `GET /pods` with `body` to callers with
-/// the right bearer token, 401 to others, and counts requests.
-struct Kubelet {
-    url: KubeletUrl,
-    ca: PathBuf,
-    token: PathBuf,
-    body: Arc<Mutex<String>>,
-    requests: watch::Receiver<usize>,
-    _dir: tempfile::TempDir,
-}
-
-impl Kubelet {
-    async fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
-        let ca = dir.path().join("kubelet-ca.pem");
-        std::fs::write(&ca, certified.cert.pem()).unwrap();
-        let token = dir.path().join("token");
-        std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
-
-        let key = rustls_pki_types::PrivateKeyDer::try_from(certified.signing_key.serialize_der())
-            .unwrap();
-        let config = rustls::ServerConfig::builder_with_provider(sigil::tls::provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(vec![certified.cert.der().clone()], key)
-            .unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let body = Arc::new(Mutex::new(PODS.to_owned()));
-        let (count_tx, requests) = watch::channel(0);
-        let served = Arc::clone(&body);
-        tokio::spawn(async move {
-            loop {
-                let (tcp, _) = listener.accept().await.unwrap();
-                let Ok(mut tls) = acceptor.accept(tcp).await else {
-                    continue;
-                };
-                let head = read_head(&mut tls).await;
-                count_tx.send_modify(|n| *n += 1);
-                let authorized = head.to_ascii_lowercase().contains(&format!(
-                    "\r\nauthorization: bearer {}\r\n",
-                    TOKEN.to_ascii_lowercase()
-                ));
-                let (status, body) = if !head.starts_with("GET /pods HTTP/1.1\r\n") {
-                    ("404 Not Found", "404 page not found\n".to_owned())
-                } else if authorized {
-                    ("200 OK", served.lock().unwrap().clone())
-                } else {
-                    ("401 Unauthorized", "Unauthorized".to_owned())
-                };
-                let response = format!(
-                    "HTTP/1.1 {status}\r\nContent-Type: application/json\r\n\
-                     Date: Fri, 20 Nov 2026 09:21:00 GMT\r\n\
-                     Content-Length: {}\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = tls.write_all(response.as_bytes()).await;
-                let _ = tls.shutdown().await;
-            }
-        });
-        Self {
-            url: KubeletUrl::parse(&format!("https://127.0.0.1:{port}")).unwrap(),
-            ca,
-            token,
-            body,
-            requests,
-            _dir: dir,
-        }
-    }
-
-    fn config(&self) -> K8sConfig {
-        K8sConfig {
-            kubelet_url: self.url.clone(),
-            token_path: self.token.clone(),
-            kubelet_ca_path: Some(self.ca.clone()),
-            refresh_interval: Duration::from_secs(3600),
-        }
-    }
-
-    fn requests(&self) -> usize {
-        *self.requests.borrow()
-    }
-
-    /// Lists the `report` container of the batch pod as started.
-    fn start_report_container(&self) {
-        let mut list: serde_json::Value = serde_json::from_str(PODS).unwrap();
-        let status = &mut list["items"][1]["status"]["containerStatuses"][0];
-        status["containerID"] = format!("containerd://{REPORT}").into();
-        status["imageID"] = status["image"].clone();
-        *self.body.lock().unwrap() = list.to_string();
-    }
-}
-
-async fn read_head<S: AsyncReadExt + Unpin>(stream: &mut S) -> String {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if stream.read(&mut byte).await.unwrap_or(0) == 0 {
-            break;
-        }
-        head.push(byte[0]);
-    }
-    String::from_utf8_lossy(&head).into_owned()
-}
 
 /// containerd with the systemd driver on cgroup v2.
 fn cgroup_of(pod_uid: &str, container_id: &str) -> String {
