@@ -7,9 +7,11 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use sigil::TrustDomain;
+use sigil::keys::KeyType;
 use tracing_subscriber::EnvFilter;
 use zeroize::Zeroizing;
 
+use crate::node::NodeAttestorConfig;
 use crate::workload::AttestorsConfig;
 
 /// Default directory of the agent's own SVID, key and bundle.
@@ -32,7 +34,9 @@ const KEYS: &[&str] = &[
     "socket_path",
     "log_level",
     "log_format",
+    "workload_key_type",
     "workload_attestors",
+    "node_attestor",
 ];
 
 /// A join token: a one-time secret. It never appears in logs or `Debug`
@@ -126,6 +130,9 @@ pub(crate) struct RunArgs {
     /// Log format: `text` or `json` [default: text].
     #[arg(long, value_name = "FORMAT")]
     pub(crate) log_format: Option<String>,
+    /// Key type of workload SVIDs: `ec-p256` or `rsa-2048` [default: ec-p256].
+    #[arg(long, value_name = "TYPE")]
+    pub(crate) workload_key_type: Option<String>,
 }
 
 /// A checked configuration.
@@ -147,8 +154,12 @@ pub(crate) struct Config {
     pub(crate) log_level: String,
     /// The log format.
     pub(crate) log_format: LogFormat,
+    /// The key type of workload SVIDs.
+    pub(crate) workload_key_type: KeyType,
     /// The optional workload attestors.
     pub(crate) workload_attestors: AttestorsConfig,
+    /// The node attestor (`[node_attestor]`; a join token without it).
+    pub(crate) node_attestor: NodeAttestorConfig,
 }
 
 /// Everything wrong with a configuration.
@@ -180,7 +191,9 @@ struct Layer {
     socket_path: Option<PathBuf>,
     log_level: Option<String>,
     log_format: Option<String>,
+    workload_key_type: Option<String>,
     workload_attestors: Option<AttestorsConfig>,
+    node_attestor: Option<NodeAttestorConfig>,
 }
 
 impl Config {
@@ -208,7 +221,9 @@ impl Config {
             socket_path: args.socket_path,
             log_level: args.log_level,
             log_format: args.log_format,
+            workload_key_type: args.workload_key_type,
             workload_attestors: None,
+            node_attestor: None,
         };
         check(flags, file, problems)
     }
@@ -228,6 +243,13 @@ fn parse_file(text: &str, path: &Path, problems: &mut Vec<String>) -> Layer {
     };
     let mut layer = Layer::default();
     for (key, value) in table {
+        if key == "node_attestor" {
+            match NodeAttestorConfig::from_toml(value) {
+                Ok(attestor) => layer.node_attestor = Some(attestor),
+                Err(e) => problems.push(format!("{origin}: {e}")),
+            }
+            continue;
+        }
         if key == "workload_attestors" {
             match AttestorsConfig::from_toml(value) {
                 Ok(attestors) => layer.workload_attestors = Some(attestors),
@@ -256,6 +278,7 @@ fn parse_file(text: &str, path: &Path, problems: &mut Vec<String>) -> Layer {
             "socket_path" => layer.socket_path = Some(s.into()),
             "log_level" => layer.log_level = Some(s),
             "log_format" => layer.log_format = Some(s),
+            "workload_key_type" => layer.workload_key_type = Some(s),
             _ => problems.push(format!("{origin}: unknown key `{key}`")),
         }
     }
@@ -345,6 +368,30 @@ fn check(flags: Layer, file: Layer, mut problems: Vec<String>) -> Result<Config,
         }
     };
 
+    let workload_key_type = match flags.workload_key_type.or(file.workload_key_type) {
+        None => KeyType::default(),
+        Some(name) => match name.parse::<KeyType>() {
+            Ok(t @ (KeyType::EcP256 | KeyType::Rsa2048)) => t,
+            _ => {
+                problems.push(format!(
+                    "workload_key_type: {name:?} is not one of `ec-p256`, `rsa-2048`"
+                ));
+                KeyType::default()
+            }
+        },
+    };
+
+    let node_attestor = flags
+        .node_attestor
+        .or(file.node_attestor)
+        .unwrap_or_default();
+    if node_attestor.reattests() && join_token.is_some() {
+        problems.push(format!(
+            "join_token and join_token_file are for the join_token node attestor, and [node_attestor.{}] is set",
+            node_attestor.name()
+        ));
+    }
+
     let workload_attestors = flags
         .workload_attestors
         .or(file.workload_attestors)
@@ -361,7 +408,9 @@ fn check(flags: Layer, file: Layer, mut problems: Vec<String>) -> Result<Config,
                 socket_path,
                 log_level,
                 log_format,
+                workload_key_type,
                 workload_attestors,
+                node_attestor,
             })
         }
         _ => Err(ConfigError { problems }),
@@ -402,6 +451,32 @@ mod tests {
             config: Some(path),
             ..args
         })
+    }
+
+    #[test]
+    fn the_workload_key_type_is_p256_unless_set() {
+        let base = "trust_domain = \"example.org\"\nserver_address = \"127.0.0.1:8081\"\n";
+        let config = load_file(base, RunArgs::default()).unwrap();
+        assert_eq!(config.workload_key_type, KeyType::EcP256);
+        let text = format!("{base}workload_key_type = \"rsa-2048\"\n");
+        let config = load_file(&text, RunArgs::default()).unwrap();
+        assert_eq!(config.workload_key_type, KeyType::Rsa2048);
+        let flag = RunArgs {
+            workload_key_type: Some("ec-p256".into()),
+            ..RunArgs::default()
+        };
+        let config = load_file(&text, flag).unwrap();
+        assert_eq!(config.workload_key_type, KeyType::EcP256, "the flag wins");
+        for bad in ["ec-p384", "dsa"] {
+            let text = format!("{base}workload_key_type = \"{bad}\"\n");
+            let err = load_file(&text, RunArgs::default()).unwrap_err();
+            assert_eq!(
+                err.problems,
+                [format!(
+                    "workload_key_type: \"{bad}\" is not one of `ec-p256`, `rsa-2048`"
+                )]
+            );
+        }
     }
 
     #[test]

@@ -20,7 +20,7 @@ use crate::cache::SnapshotReceiver;
 use crate::client::{self, AgentChannel};
 use crate::config::Config;
 use crate::manager::{GrpcSigner, Manager, SystemClock};
-use crate::node::{self, NodeIdentity, Renewer, Storage};
+use crate::node::{self, NodeIdentity, Reattestation, Renewer, Storage};
 use crate::sync::EntrySync;
 use crate::workload;
 
@@ -135,7 +135,8 @@ impl Agent {
             GrpcSigner::new(Arc::clone(&channel)),
             SystemClock,
             identity.bundle.clone(),
-        );
+        )
+        .with_key_type(config.workload_key_type);
         let snapshots = manager.subscribe();
         let (updates_tx, updates_rx) = mpsc::channel(64);
         let (first_tx, first_rx) = oneshot::channel();
@@ -149,7 +150,13 @@ impl Agent {
             Arc::clone(&renew_now),
         );
         let spiffe_id = identity.spiffe_id.clone();
-        let renewer = Renewer::new(channel, storage, trust, resolver, identity, renew_now);
+        let reattestation = config.node_attestor.reattests().then(|| Reattestation {
+            address: config.server_address.clone(),
+            td: config.trust_domain.clone(),
+            attestor: config.node_attestor.clone(),
+        });
+        let renewer = Renewer::new(channel, storage, trust, resolver, identity, renew_now)
+            .with_reattestation(reattestation);
 
         let mut tasks = JoinSet::new();
         tasks.spawn(async move {
@@ -231,7 +238,9 @@ mod tests {
             socket_path: data.join("api.sock"),
             log_level: "info".into(),
             log_format: LogFormat::Text,
+            workload_key_type: Default::default(),
             workload_attestors: Default::default(),
+            node_attestor: Default::default(),
         };
         let storage = Storage::new(data);
         let identity = node::establish(&config, &storage).await.unwrap();

@@ -7,8 +7,13 @@
 //! 10 s, reset once a message arrived), again sending what it holds. A
 //! refusal of the agent SVID asks the agent SVID renewal to act at once: it
 //! either gets a new SVID or finds the agent evicted.
+//!
+//! The server lists the tainted authorities in the first message of each
+//! stream and whenever they change: the manager replaces the workload SVIDs
+//! they signed, and an agent SVID they signed is renewed early (after a
+//! delay drawn like the workload SVIDs' replacements).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -116,12 +121,14 @@ impl EntrySync {
             .await
             .map_err(|s| self.stop(&s))?
             .into_inner();
+        let mut first = true;
         loop {
             match stream.message().await {
                 Ok(Some(message)) => {
                     backoff.reset();
                     repeated.reset();
-                    self.apply(message).await?;
+                    self.apply(message, first).await?;
+                    first = false;
                 }
                 Ok(None) => return Err(Stop::Retry("the server ended the stream".into())),
                 Err(status) => return Err(self.stop(&status)),
@@ -132,15 +139,25 @@ impl EntrySync {
     fn stop(&self, status: &tonic::Status) -> Stop {
         if node::is_refusal(status) {
             // The renewal decides: a new SVID, or the end of the agent.
+            tracing::info!(
+                error = %client::describe_status(status),
+                "the server refused a call with the agent SVID; asking for a renewal"
+            );
             self.renew_now.notify_one();
         }
         Stop::Retry(client::describe_status(status))
     }
 
-    /// Applies one message: checks the entries and the bundle, and hands the
-    /// result to the manager.
-    async fn apply(&mut self, message: SyncEntriesResponse) -> Result<(), Stop> {
+    /// Applies one message (`first` of its stream): checks the entries and
+    /// the bundle, and hands the result to the manager.
+    async fn apply(&mut self, message: SyncEntriesResponse, first: bool) -> Result<(), Stop> {
         let mut update = Update::default();
+        if first || !message.tainted_authority_keys.is_empty() {
+            let tainted: HashSet<Vec<u8>> =
+                message.tainted_authority_keys.iter().cloned().collect();
+            self.check_agent_svid(&tainted);
+            update.tainted = Some(tainted);
+        }
         for wire in &message.upserted {
             match check_entry(wire, &self.td) {
                 Ok(entry) => {
@@ -175,6 +192,39 @@ impl EntrySync {
             .send(update)
             .await
             .map_err(|_| Stop::Fatal(SyncError::ManagerGone))
+    }
+
+    /// Renews the agent SVID early if a tainted authority signed it.
+    fn check_agent_svid(&self, tainted: &HashSet<Vec<u8>>) {
+        if tainted.is_empty() {
+            return;
+        }
+        let identity = match self.storage.load(&self.td) {
+            Ok(identity) => identity,
+            Err(error) => {
+                tracing::warn!(error = %error, "cannot read the agent SVID to check its authority");
+                return;
+            }
+        };
+        let Some(leaf) = identity.chain.first() else {
+            return;
+        };
+        if !crate::manager::taint::authority_key_id(leaf).is_some_and(|k| tainted.contains(&k)) {
+            return;
+        }
+        let now = std::time::SystemTime::now();
+        let at = crate::manager::taint::replacement_time(now, identity.not_after, fastrand::f64());
+        let delay = at.duration_since(now).unwrap_or(Duration::ZERO);
+        tracing::info!(
+            spiffe.id = %identity.spiffe_id,
+            renew_in = ?delay,
+            "the agent SVID was signed by a tainted authority; renewing it early"
+        );
+        let renew_now = Arc::clone(&self.renew_now);
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            renew_now.notify_one();
+        });
     }
 
     fn apply_bundle(&mut self, wire: &sigil::proto::sigil::types::v1::Bundle, update: &mut Update) {

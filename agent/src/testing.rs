@@ -389,6 +389,7 @@ impl AgentApi for Api {
                 upserted,
                 deleted,
                 bundle: Some(self.bundle()),
+                ..Default::default()
             };
             // The channel is new and has room.
             tx.try_send(Ok(first)).unwrap();

@@ -23,15 +23,21 @@
 
 mod support;
 
+mod admin_access;
 mod agents;
+mod aliases;
 mod ca_rotation;
+mod ca_rotation_mtls;
 mod interop;
 mod issuance;
 mod mtls;
+mod node_attestation;
 mod operations;
 mod quickstart;
 mod refusals;
 mod registration;
 mod restarts;
 mod rotation;
+mod taint;
+mod upstream;
 mod workloads;

@@ -3,24 +3,29 @@
 //! [`Snapshot`] on every change.
 //!
 //! - An entry without an SVID, whose SVID-relevant fields changed, or whose
-//!   SVID is due, gets a new P-256 key and a CSR; every such entry is signed
+//!   SVID is due, gets a new key (of the configured `workload_key_type`,
+//!   P-256 by default) and a CSR; every such entry is signed
 //!   in batches of at most [`MAX_BATCH`] (see [`schedule`] for when an SVID
 //!   is due).
 //! - A failed batch is retried with backoff (1 s doubling to 30 s); an SVID
 //!   that expires meanwhile leaves the snapshot at its notAfter.
 //! - Entry changes arrive as [`Update`]s from the entry sync; a removed entry
 //!   leaves the snapshot at once.
+//! - An SVID signed by a tainted authority (one whose subject key identifier
+//!   the server lists) is replaced early, at a time drawn over a short
+//!   window (see [`taint`]).
 
 mod clock;
 pub(crate) mod schedule;
 mod signer;
+pub(crate) mod taint;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use sigil::bundle::X509Bundle;
-use sigil::keys::PrivateKey;
+use sigil::keys::{KeyType, PrivateKey};
 use sigil::{Entry, SpiffeId};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -46,6 +51,9 @@ pub(crate) struct Update {
     pub(crate) deleted: Vec<String>,
     /// A new trust bundle.
     pub(crate) bundle: Option<X509Bundle>,
+    /// The subject key identifiers of the tainted authorities, when the
+    /// server sent them.
+    pub(crate) tainted: Option<HashSet<Vec<u8>>>,
     /// Completed once the update is in a published snapshot and the SVIDs
     /// it called for have been requested once.
     pub(crate) applied: Option<oneshot::Sender<()>>,
@@ -58,6 +66,8 @@ struct Tracked {
     svid: Option<Arc<Svid>>,
     /// When the SVID is due; set with `svid`.
     renew_at: Option<SystemTime>,
+    /// The subject key identifier of the authority that signed the SVID.
+    authority_key: Option<Vec<u8>>,
     /// The entry changed in a way that calls for a new SVID.
     stale: bool,
     /// The identity as last published, reused while nothing changed.
@@ -84,6 +94,7 @@ pub(crate) struct Manager<S, C> {
     signer: S,
     clock: C,
     jitter: fn() -> f64,
+    key_type: KeyType,
     tx: SnapshotSender,
     bundle: Arc<X509Bundle>,
     bundle_der: Arc<Vec<u8>>,
@@ -94,6 +105,8 @@ pub(crate) struct Manager<S, C> {
     retry_at: Option<Instant>,
     repeated: RepeatedErrors,
     acks: Vec<oneshot::Sender<()>>,
+    /// The subject key identifiers of the tainted authorities.
+    tainted: HashSet<Vec<u8>>,
 }
 
 impl<S: BatchSigner, C: Clock> Manager<S, C> {
@@ -111,6 +124,7 @@ impl<S: BatchSigner, C: Clock> Manager<S, C> {
             signer,
             clock,
             jitter: schedule::jitter,
+            key_type: KeyType::default(),
             tx,
             bundle,
             bundle_der,
@@ -121,6 +135,7 @@ impl<S: BatchSigner, C: Clock> Manager<S, C> {
             retry_at: None,
             repeated: RepeatedErrors::default(),
             acks: Vec::new(),
+            tainted: HashSet::new(),
         }
     }
 
@@ -128,6 +143,12 @@ impl<S: BatchSigner, C: Clock> Manager<S, C> {
     #[cfg(test)]
     pub(crate) fn with_jitter(mut self, jitter: fn() -> f64) -> Self {
         self.jitter = jitter;
+        self
+    }
+
+    /// Makes workload keys of `key_type` instead of P-256.
+    pub(crate) fn with_key_type(mut self, key_type: KeyType) -> Self {
+        self.key_type = key_type;
         self
     }
 
@@ -206,6 +227,7 @@ impl<S: BatchSigner, C: Clock> Manager<S, C> {
                             entry,
                             svid: None,
                             renew_at: None,
+                            authority_key: None,
                             stale: false,
                             published: None,
                         },
@@ -214,8 +236,46 @@ impl<S: BatchSigner, C: Clock> Manager<S, C> {
             }
             self.dirty = true;
         }
+        if let Some(tainted) = update.tainted {
+            self.tainted = tainted;
+            self.replace_tainted();
+        }
         if let Some(ack) = update.applied {
             self.acks.push(ack);
+        }
+    }
+
+    /// Brings forward the renewal of every SVID signed by a tainted
+    /// authority, to a time drawn over the replacement window.
+    fn replace_tainted(&mut self) {
+        if self.tainted.is_empty() {
+            return;
+        }
+        let now = self.clock.now();
+        let mut count = 0usize;
+        for tracked in self.entries.values_mut() {
+            let Some(svid) = &tracked.svid else {
+                continue;
+            };
+            if !tracked
+                .authority_key
+                .as_ref()
+                .is_some_and(|k| self.tainted.contains(k))
+            {
+                continue;
+            }
+            let draw = (self.jitter)() / schedule::MAX_JITTER;
+            let at = taint::replacement_time(now, svid.not_after, draw);
+            if tracked.renew_at.is_none_or(|r| r > at) {
+                tracked.renew_at = Some(at);
+                count += 1;
+            }
+        }
+        if count > 0 {
+            tracing::info!(
+                count,
+                "X.509-SVIDs signed by a tainted authority; replacing them"
+            );
         }
     }
 
@@ -277,7 +337,7 @@ impl<S: BatchSigner, C: Clock> Manager<S, C> {
             })
             .collect();
         let total = specs.len();
-        let mut prepared = prepare_all(specs).await;
+        let mut prepared = prepare_all(specs, self.key_type).await;
         let mut failed = prepared.len() < total;
 
         let mut signed = 0usize;
@@ -374,8 +434,19 @@ impl<S: BatchSigner, C: Clock> Manager<S, C> {
             not_before,
             not_after,
         });
-        let renew_at =
+        let authority_key = svid.chain.first().and_then(|c| taint::authority_key_id(c));
+        let mut renew_at =
             schedule::renewal_time(svid.not_before, svid.not_after, now, (self.jitter)());
+        if authority_key
+            .as_ref()
+            .is_some_and(|k| self.tainted.contains(k))
+        {
+            // Signed just before its authority was tainted: replaced like
+            // the others, though never sooner than the shortest delay.
+            let draw = (self.jitter)() / schedule::MAX_JITTER;
+            let at = taint::replacement_time(now, not_after, draw);
+            renew_at = renew_at.min(at.max(now + schedule::MIN_RENEWAL_DELAY));
+        }
         tracing::debug!(
             entry.id = %p.entry_id,
             spiffe.id = %id,
@@ -385,6 +456,7 @@ impl<S: BatchSigner, C: Clock> Manager<S, C> {
         );
         tracked.svid = Some(svid);
         tracked.renew_at = Some(renew_at);
+        tracked.authority_key = authority_key;
         tracked.stale = false;
         tracked.published = None;
         self.dirty = true;
@@ -427,11 +499,13 @@ impl<S: BatchSigner, C: Clock> Manager<S, C> {
     }
 }
 
-/// Makes a key and CSR per entry, on the blocking pool when there are many.
-/// Entries whose key or CSR failed are left out (and logged).
-async fn prepare_all(specs: Vec<(String, SpiffeId)>) -> Vec<Prepared> {
-    let results = if specs.len() >= BLOCKING_KEYGEN_THRESHOLD {
-        match tokio::task::spawn_blocking(move || specs.into_iter().map(prepare).collect()).await {
+/// Makes a key of `key_type` and a CSR per entry, on the blocking pool when
+/// there are many or the keys are RSA keys (slow to make). Entries whose key
+/// or CSR failed are left out (and logged).
+async fn prepare_all(specs: Vec<(String, SpiffeId)>, key_type: KeyType) -> Vec<Prepared> {
+    let make = move |spec| prepare(spec, key_type);
+    let results = if specs.len() >= BLOCKING_KEYGEN_THRESHOLD || key_type == KeyType::Rsa2048 {
+        match tokio::task::spawn_blocking(move || specs.into_iter().map(make).collect()).await {
             Ok(results) => results,
             Err(e) => {
                 tracing::warn!(error = %e, "making keys and CSRs failed");
@@ -439,7 +513,7 @@ async fn prepare_all(specs: Vec<(String, SpiffeId)>) -> Vec<Prepared> {
             }
         }
     } else {
-        specs.into_iter().map(prepare).collect::<Vec<_>>()
+        specs.into_iter().map(make).collect::<Vec<_>>()
     };
     results
         .into_iter()
@@ -453,8 +527,11 @@ async fn prepare_all(specs: Vec<(String, SpiffeId)>) -> Vec<Prepared> {
         .collect()
 }
 
-fn prepare((entry_id, spiffe_id): (String, SpiffeId)) -> Result<Prepared, (String, String)> {
-    let made = PrivateKey::generate_p256()
+fn prepare(
+    (entry_id, spiffe_id): (String, SpiffeId),
+    key_type: KeyType,
+) -> Result<Prepared, (String, String)> {
+    let made = PrivateKey::generate(key_type)
         .map_err(|e| e.to_string())
         .and_then(|key| {
             let pair = key.key_pair().map_err(|e| e.to_string())?;

@@ -1,6 +1,7 @@
 //! The scheduling decisions of the SVID manager, on paused tokio time, with
 //! a signer that issues real certificates dated by the test clock.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -31,7 +32,7 @@ struct Call {
 }
 
 struct SignerState {
-    issuer: Issuer<'static, KeyPair>,
+    issuer: Mutex<Issuer<'static, KeyPair>>,
     clock: TokioClock,
     started: Instant,
     ttl: Duration,
@@ -50,6 +51,12 @@ impl FakeSigner {
     fn fail(&self, fail: bool) {
         self.0.fail.store(fail, Ordering::SeqCst);
     }
+
+    /// Signs with `ca` from now on.
+    fn sign_with(&self, ca: &Authority) {
+        *self.0.issuer.lock().unwrap() =
+            Issuer::from_ca_cert_der(ca.cert(), ca.key().key_pair().unwrap()).unwrap();
+    }
 }
 
 impl BatchSigner for FakeSigner {
@@ -65,8 +72,10 @@ impl BatchSigner for FakeSigner {
         if failing {
             return Err(SignError("Unavailable: server down".into()));
         }
-        let not_before = state.clock.now();
-        let not_after = not_before + state.ttl;
+        // Back-dated as the server does.
+        let now = state.clock.now();
+        let not_before = now - sigil::x509::BACKDATE;
+        let not_after = now + state.ttl;
         Ok(items
             .into_iter()
             .map(|item| {
@@ -74,7 +83,8 @@ impl BatchSigner for FakeSigner {
                 let id = csr.spiffe_id().unwrap().clone();
                 let params =
                     sigil::x509::leaf_params(&td(), &id, &[], not_before, not_after).unwrap();
-                let cert = params.signed_by(csr.public_key(), &state.issuer).unwrap();
+                let issuer = state.issuer.lock().unwrap();
+                let cert = params.signed_by(csr.public_key(), &*issuer).unwrap();
                 IssuedItem {
                     entry_id: item.entry_id,
                     chain: vec![CertificateDer::from(cert.der().to_vec())],
@@ -97,7 +107,7 @@ fn start(ttl: Duration, jitter: Option<fn() -> f64>) -> Harness {
     let ca = Authority::self_signed(&td(), Duration::from_secs(365 * 24 * 3600)).unwrap();
     let issuer = Issuer::from_ca_cert_der(ca.cert(), ca.key().key_pair().unwrap()).unwrap();
     let signer = FakeSigner(Arc::new(SignerState {
-        issuer,
+        issuer: Mutex::new(issuer),
         clock,
         started: Instant::now(),
         ttl,
@@ -438,4 +448,87 @@ async fn a_bundle_update_is_published() {
     let snapshot = h.snapshot();
     assert_eq!(*snapshot.bundle, bundle);
     assert_eq!(*snapshot.bundle_der, other.cert().to_vec());
+}
+
+/// The subject key identifier of a CA certificate.
+fn subject_key_id(der: &[u8]) -> Vec<u8> {
+    use x509_parser::prelude::FromDer;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).unwrap();
+    cert.extensions()
+        .iter()
+        .find_map(|ext| match ext.parsed_extension() {
+            x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(id) => {
+                Some(id.0.to_vec())
+            }
+            _ => None,
+        })
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn svids_of_a_tainted_authority_and_only_those_are_replaced_within_the_window() {
+    let h = start(Duration::from_secs(1000), None);
+    let first_ca = {
+        // The harness's authority signed these.
+        h.add(vec![entry("e1", "/one"), entry("e2", "/two")]).await;
+        h.svid_of("e1").unwrap()
+    };
+    let tainted_key = taint::authority_key_id(&first_ca.chain[0]).unwrap();
+    let next = Authority::self_signed(&td(), Duration::from_secs(365 * 24 * 3600)).unwrap();
+    let next_key = subject_key_id(next.cert());
+    assert_ne!(tainted_key, next_key);
+    h.signer.sign_with(&next);
+    h.add(vec![entry("e3", "/three")]).await;
+    let e3 = h.svid_of("e3").unwrap();
+    assert_eq!(
+        taint::authority_key_id(&e3.chain[0]),
+        Some(next_key.clone())
+    );
+    let before: Vec<_> = ["e1", "e2"]
+        .iter()
+        .map(|id| h.svid_of(id).unwrap())
+        .collect();
+    let calls_before = h.signer.calls().len();
+
+    // Another key listed, as the first message of a stream would.
+    let tainted: HashSet<Vec<u8>> = [tainted_key.clone(), vec![1, 2, 3]].into();
+    let at = h.signer.0.started.elapsed().as_secs_f64();
+    h.apply(Update {
+        tainted: Some(tainted),
+        ..Update::default()
+    })
+    .await;
+    // The window: min(30 s, 10 % of the ~1000 s left).
+    advance(31).await;
+
+    let calls: Vec<Call> = h.signer.calls().into_iter().skip(calls_before).collect();
+    let mut replaced: Vec<String> = calls.iter().flat_map(|c| c.entries.clone()).collect();
+    replaced.sort();
+    assert_eq!(replaced, ["e1", "e2"], "{calls:?}");
+    for call in &calls {
+        assert!(
+            call.at >= at && call.at <= at + 30.0,
+            "replaced at {} (tainted at {at})",
+            call.at
+        );
+    }
+    for (id, old) in ["e1", "e2"].iter().zip(before) {
+        let new = h.svid_of(id).unwrap();
+        assert_eq!(
+            taint::authority_key_id(&new.chain[0]),
+            Some(next_key.clone()),
+            "{id}"
+        );
+        assert_ne!(new.key.der(), old.key.der());
+    }
+    assert_eq!(h.svid_of("e3").unwrap().chain, e3.chain, "e3 is kept");
+
+    // The same set again asks for nothing more.
+    h.apply(Update {
+        tainted: Some([tainted_key].into()),
+        ..Update::default()
+    })
+    .await;
+    advance(31).await;
+    assert_eq!(h.signer.calls().len(), calls_before + calls.len());
 }

@@ -9,6 +9,7 @@
 //	sigil-interop-go watch   --updates N [--timeout S]
 //	sigil-interop-go serve   --addr HOST:PORT [--rounds N] [--timeout S]
 //	sigil-interop-go dial    --addr HOST:PORT [--rounds N] [--interval-ms M] [--timeout S]
+//	sigil-interop-go redial  --addr HOST:PORT [--interval-ms M] [--duration S]
 //
 // Every result is one JSON object per line on stdout. Errors go to stderr as
 // one line and the exit code is 1 (2 for a usage error). Only the X.509 parts
@@ -18,7 +19,10 @@ package main
 import (
 	"bufio"
 	"context"
+	"crypto/sha256"
+	"crypto/tls"
 	"crypto/x509"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -48,7 +52,7 @@ func (e usageError) Error() string { return e.msg }
 
 func main() {
 	if len(os.Args) < 2 {
-		fail(usageError{"usage: sigil-interop-go fetch|bundles|watch|serve|dial [flags]"})
+		fail(usageError{"usage: sigil-interop-go fetch|bundles|watch|serve|dial|redial [flags]"})
 	}
 	cmd, args := os.Args[1], os.Args[2:]
 
@@ -64,8 +68,10 @@ func main() {
 		err = runServe(args)
 	case "dial":
 		err = runDial(args)
+	case "redial":
+		err = runRedial(args)
 	default:
-		err = usageError{fmt.Sprintf("unknown subcommand %q (want fetch, bundles, watch, serve or dial)", cmd)}
+		err = usageError{fmt.Sprintf("unknown subcommand %q (want fetch, bundles, watch, serve, dial or redial)", cmd)}
 	}
 	if err != nil {
 		fail(err)
@@ -353,6 +359,9 @@ func runWatch(args []string) error {
 type connJSON struct {
 	Peer string `json:"peer"`
 	Self string `json:"self"`
+	// Set by dialOnce for redial; not printed.
+	peerCA string
+	selfCA string
 }
 
 type roundJSON struct {
@@ -532,5 +541,138 @@ func dialOnce(ctx context.Context, addr string, source *workloadapi.X509Source) 
 	if got := strings.TrimSpace(reply); got != peer.String() {
 		return connJSON{}, fmt.Errorf("server replied %q but authenticated as %s", got, peer)
 	}
-	return connJSON{Peer: peer.String(), Self: self.String()}, nil
+	res := connJSON{Peer: peer.String(), Self: self.String()}
+	if leaf := peerLeaf(conn); leaf != nil {
+		res.peerCA = signerOf(leaf, source)
+	}
+	if svid, err := source.GetX509SVID(); err == nil {
+		res.selfCA = signerOf(svid.Certificates[0], source)
+	}
+	return res, nil
+}
+
+// ---- redial ----
+
+type redialJSON struct {
+	Round int    `json:"round"`
+	OK    bool   `json:"ok"`
+	At    int64  `json:"at"`
+	Peer  string `json:"peer,omitempty"`
+	Self  string `json:"self,omitempty"`
+	// PeerCA and SelfCA are the SHA-256 (hex) of the DER of the bundle
+	// authority that signed the peer's leaf (as presented in the handshake)
+	// and this side's leaf (the source's SVID after the handshake).
+	PeerCA string `json:"peer_ca,omitempty"`
+	SelfCA string `json:"self_ca,omitempty"`
+	Error  string `json:"error,omitempty"`
+}
+
+type redialSummaryJSON struct {
+	Rounds int `json:"rounds"`
+	Failed int `json:"failed"`
+}
+
+// runRedial opens a new mTLS connection every --interval-ms, as dial does,
+// and keeps going after a failure: every round, successful or not, is one
+// line. It stops when stdin reaches end of file or after --duration
+// seconds, prints a summary line and exits 1 if any round failed.
+func runRedial(args []string) error {
+	fs := newFlags("redial")
+	addr := fs.String("addr", "", "server address, e.g. 127.0.0.1:8443")
+	interval := fs.Int("interval-ms", 200, "pause between rounds in milliseconds")
+	duration := fs.Int("duration", 600, "stop after this many seconds (or when stdin closes)")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	if *addr == "" {
+		return usageError{"redial: --addr is required"}
+	}
+	if *interval < 0 || *duration < 1 {
+		return usageError{"redial: --interval-ms must not be negative and --duration must be at least 1"}
+	}
+	ctx, cancel := withTimeout(*duration)
+	defer cancel()
+	// Stdin closing ends the run after the round in progress.
+	stop := make(chan struct{})
+	go func() {
+		_, _ = io.Copy(io.Discard, os.Stdin)
+		close(stop)
+	}()
+
+	source, err := newSource(ctx)
+	if err != nil {
+		return err
+	}
+	defer source.Close()
+
+	summary := redialSummaryJSON{}
+	stopped := func() bool {
+		select {
+		case <-stop:
+			return true
+		default:
+			return ctx.Err() != nil
+		}
+	}
+	for round := 1; !stopped(); round++ {
+		res := redialJSON{Round: round}
+		conn, err := dialOnce(ctx, *addr, source)
+		res.At = time.Now().UnixMilli()
+		if err != nil {
+			if ctx.Err() != nil {
+				break // interrupted by --duration, not a failure
+			}
+			res.Error = err.Error()
+			summary.Failed++
+		} else {
+			res.OK = true
+			res.Peer, res.Self = conn.Peer, conn.Self
+			res.PeerCA, res.SelfCA = conn.peerCA, conn.selfCA
+		}
+		summary.Rounds++
+		emit(res)
+		select {
+		case <-time.After(time.Duration(*interval) * time.Millisecond):
+		case <-ctx.Done():
+		case <-stop:
+		}
+	}
+	emit(map[string]redialSummaryJSON{"summary": summary})
+	if summary.Failed > 0 {
+		return fmt.Errorf("%d of %d rounds failed", summary.Failed, summary.Rounds)
+	}
+	return nil
+}
+
+// signerOf is the SHA-256 (hex) of the authority of the source's bundle
+// for leaf's trust domain that signed leaf, or "" if none did.
+func signerOf(leaf *x509.Certificate, source *workloadapi.X509Source) string {
+	id, err := x509svid.IDFromCert(leaf)
+	if err != nil {
+		return ""
+	}
+	bundle, err := source.GetX509BundleForTrustDomain(id.TrustDomain())
+	if err != nil {
+		return ""
+	}
+	for _, ca := range bundle.X509Authorities() {
+		if leaf.CheckSignatureFrom(ca) == nil {
+			sum := sha256.Sum256(ca.Raw)
+			return hex.EncodeToString(sum[:])
+		}
+	}
+	return ""
+}
+
+// peerLeaf is the leaf certificate the peer of conn presented.
+func peerLeaf(conn net.Conn) *x509.Certificate {
+	tc, ok := conn.(interface{ ConnectionState() tls.ConnectionState })
+	if !ok {
+		return nil
+	}
+	certs := tc.ConnectionState().PeerCertificates
+	if len(certs) == 0 {
+		return nil
+	}
+	return certs[0]
 }
