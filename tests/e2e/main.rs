@@ -41,3 +41,4 @@ mod rotation;
 mod taint;
 mod upstream;
 mod workloads;
+mod x509pop_proofs;

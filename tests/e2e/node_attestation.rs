@@ -22,14 +22,14 @@ use crate::support::*;
 const READY: Duration = Duration::from_secs(30);
 
 /// A node CA and the PEM of its certificate.
-struct NodeCa {
+pub struct NodeCa {
     params: CertificateParams,
     key: KeyPair,
     pem: String,
 }
 
 impl NodeCa {
-    fn new(name: &str) -> Self {
+    pub fn new(name: &str) -> Self {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.distinguished_name.push(DnType::CommonName, name);
@@ -40,7 +40,7 @@ impl NodeCa {
     }
 
     /// A node certificate for `cn`; returns (certificate PEM, DER, key PEM).
-    fn issue(&self, cn: &str) -> (String, Vec<u8>, String) {
+    pub fn issue(&self, cn: &str) -> (String, Vec<u8>, String) {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(vec![format!("{cn}.nodes.test")]).unwrap();
         params.distinguished_name.push(DnType::CommonName, cn);
@@ -55,15 +55,23 @@ impl NodeCa {
 }
 
 /// Lowercase hex SHA-1, as the x509pop agent IDs and selectors use.
-fn sha1_hex(der: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, der)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+pub fn sha1_hex(der: &[u8]) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, der).as_ref())
 }
 
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+/// Lowercase hex.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The serial number of a certificate as x509pop selectors spell it: the
+/// integer in lowercase hex, without leading zeros.
+fn serial_selector_value(der: &[u8]) -> String {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).unwrap();
+    hex(cert.raw_serial()).trim_start_matches('0').to_owned()
+}
+
+pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, text).unwrap();
     path
@@ -204,15 +212,15 @@ impl Drop for NodeAgent {
 }
 
 /// A node CA, the server trusting it, and the files of one node.
-struct X509Fleet {
+pub struct X509Fleet {
     _dir: tempfile::TempDir,
-    server: Server,
-    ca: NodeCa,
-    ca_der: Vec<u8>,
+    pub server: Server,
+    pub ca: NodeCa,
+    pub ca_der: Vec<u8>,
 }
 
 impl X509Fleet {
-    fn start() -> Self {
+    pub fn start() -> Self {
         let dir = scratch();
         let ca = NodeCa::new("Node CA");
         let ca_path = write(dir.path(), "node-ca.pem", &ca.pem);
@@ -274,25 +282,54 @@ fn an_x509pop_agent_attests_and_serves_its_workloads() {
             .then_some(())
     });
 
-    let shown = server.cli_ok(&["agent", "show", "--spiffe-id", &agent_id]);
-    for selector in [
-        "x509pop:subject:cn:node-a".to_owned(),
-        "x509pop:san:dns:node-a.nodes.test".to_owned(),
+    let shown: serde_json::Value = serde_json::from_str(&server.cli_ok(&[
+        "agent",
+        "show",
+        "--spiffe-id",
+        &agent_id,
+        "--output",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(shown["attestation_type"], "x509pop", "{shown}");
+    let mut selectors: Vec<String> = shown["selectors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            format!(
+                "{}:{}",
+                s["type"].as_str().unwrap(),
+                s["value"].as_str().unwrap()
+            )
+        })
+        .collect();
+    selectors.sort();
+    let mut expected = vec![
         format!("x509pop:ca:fingerprint:{}", sha1_hex(&fleet.ca_der)),
-        "x509pop:serialnumber:".to_owned(),
-    ] {
-        assert!(shown.contains(&selector), "{selector} missing in {shown}");
-    }
-    assert!(shown.contains("x509pop"), "{shown}");
-    let listed = server.cli_ok(&[
+        "x509pop:san:dns:node-a.nodes.test".to_owned(),
+        format!("x509pop:serialnumber:{}", serial_selector_value(&der)),
+        "x509pop:subject:cn:node-a".to_owned(),
+    ];
+    expected.sort();
+    assert_eq!(selectors, expected);
+
+    let listed: serde_json::Value = serde_json::from_str(&server.cli_ok(&[
         "agent",
         "list",
         "--attestation-type",
         "x509pop",
         "--output",
         "json",
-    ]);
-    assert!(listed.contains(&agent_id), "{listed}");
+    ]))
+    .unwrap();
+    let listed: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["spiffe_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, [agent_id.as_str()]);
 }
 
 #[test]

@@ -2,9 +2,10 @@
 //! agent's pod, signed by a configured cluster's service account issuer.
 //!
 //! The token must verify with the cluster's keys (a JWKS file, or the keys
-//! found by OIDC discovery of `issuer_url`), name the configured audience,
-//! be within its validity (small leeway), be bound to a pod, and belong to
-//! an allowed service account. Each accepted token is remembered (by its
+//! found by OIDC discovery of `issuer_url`), name the cluster's issuer
+//! (`issuer` with a JWKS file, else `issuer_url`) and the configured
+//! audience, be within its validity (small leeway), be bound to a pod, and
+//! belong to an allowed service account. Each accepted token is remembered (by its
 //! SHA-256, until it expires) with the agent ID it produced, in memory and
 //! in the store, so also across restarts: presenting it again for another
 //! agent ID is refused, while the same agent may re-attest with it (the
@@ -98,6 +99,8 @@ enum Keys {
 struct Discovered {
     keys: Option<JwkSet>,
     fetched_at: Option<Instant>,
+    /// Why the last fetch failed, until one succeeds.
+    failure: Option<String>,
 }
 
 /// The `kubernetes.io` claim of a service account token.
@@ -412,23 +415,27 @@ impl Cluster {
                 if let Some(key) = cache.keys.as_ref().and_then(|k| find(k, kid)) {
                     return Ok(key);
                 }
+                let unavailable = |e: &str| {
+                    Status::unavailable(format!("cannot get the keys of the cluster's issuer: {e}"))
+                };
                 if cache
                     .fetched_at
                     .is_some_and(|at| at.elapsed() < REFETCH_INTERVAL)
                 {
-                    return Err(unknown());
+                    return Err(cache.failure.as_deref().map_or_else(unknown, unavailable));
                 }
                 cache.fetched_at = Some(Instant::now());
                 match oidc::fetch_jwks(issuer).await {
                     Ok(keys) => {
                         tracing::info!(issuer = %issuer, keys = keys.keys.len(), "fetched the service account issuer's keys");
                         cache.keys = Some(keys);
+                        cache.failure = None;
                     }
                     Err(e) => {
-                        tracing::warn!(issuer = %issuer, error = %e, "cannot fetch the service account issuer's keys");
-                        return Err(Status::unavailable(format!(
-                            "cannot fetch the keys of the cluster's issuer: {e}"
-                        )));
+                        tracing::warn!(issuer = %issuer, error = %e, "cannot get the service account issuer's keys");
+                        let status = unavailable(&e);
+                        cache.failure = Some(e);
+                        return Err(status);
                     }
                 }
                 cache
@@ -448,12 +455,8 @@ impl Cluster {
         validation.validate_nbf = true;
         validation.set_audience(&[&self.config.audience]);
         let issuer = self.config.issuer();
-        let mut required = vec!["exp", "aud"];
-        if let Some(issuer) = issuer {
-            validation.set_issuer(&[issuer]);
-            required.push("iss");
-        }
-        validation.set_required_spec_claims(&required);
+        validation.set_issuer(&[issuer]);
+        validation.set_required_spec_claims(&["exp", "aud", "iss"]);
         use jsonwebtoken::errors::ErrorKind;
         jsonwebtoken::decode::<Claims>(token, &decoding, &validation)
             .map(|data| data.claims)
@@ -468,7 +471,7 @@ impl Cluster {
                         format!("token audience does not include {:?}", self.config.audience)
                     }
                     ErrorKind::InvalidIssuer => {
-                        format!("token issuer is not {:?}", issuer.unwrap_or_default())
+                        format!("token issuer is not {issuer:?}")
                     }
                     ErrorKind::MissingRequiredClaim(claim) => {
                         format!("token has no {claim:?} claim")

@@ -1,5 +1,7 @@
 //! OpenID Connect discovery of an issuer's signing keys: GET
-//! `<issuer>/.well-known/openid-configuration`, then its `jwks_uri`.
+//! `<issuer>/.well-known/openid-configuration`, check that the document
+//! names that same issuer (OpenID Connect Discovery 1.0, section 4.3), then
+//! GET its `jwks_uri`.
 //!
 //! Plain `http://` (an issuer on a private network, tests) and `https://`
 //! with the system's CA certificates (`SSL_CERT_FILE`, else
@@ -24,7 +26,8 @@ const MAX_BODY: usize = 1 << 20;
 /// The system CA file used when `SSL_CERT_FILE` is not set.
 const SYSTEM_CA_FILE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
-/// Fetches the issuer's JWKS through its discovery document.
+/// Fetches the issuer's JWKS through its discovery document, whose
+/// `issuer` must be `issuer` exactly.
 pub(crate) async fn fetch_jwks(issuer: &str) -> Result<JwkSet, String> {
     let discovery_url = format!(
         "{}/.well-known/openid-configuration",
@@ -32,6 +35,19 @@ pub(crate) async fn fetch_jwks(issuer: &str) -> Result<JwkSet, String> {
     );
     let document: serde_json::Value = serde_json::from_slice(&get(&discovery_url).await?)
         .map_err(|e| format!("{discovery_url}: not JSON: {e}"))?;
+    match document.get("issuer").and_then(serde_json::Value::as_str) {
+        Some(named) if named == issuer => {}
+        Some(named) => {
+            return Err(format!(
+                "{discovery_url}: the document names issuer {named:?}, not {issuer:?}: its keys are not used"
+            ));
+        }
+        None => {
+            return Err(format!(
+                "{discovery_url}: the document has no issuer: its keys are not used"
+            ));
+        }
+    }
     let jwks_uri = document
         .get("jwks_uri")
         .and_then(serde_json::Value::as_str)

@@ -53,25 +53,26 @@ pub(crate) struct K8sPsatClusterConfig {
 /// Where a cluster's token signing keys come from.
 #[derive(Debug, Clone)]
 pub(crate) enum K8sPsatKeys {
-    /// A JWKS file, read and checked, and the issuer tokens must name, if set.
+    /// A JWKS file, read and checked, and the issuer tokens must name.
     Jwks {
         /// The file.
         path: PathBuf,
         /// Its keys.
         jwks: JwkSet,
         /// The required `iss`.
-        issuer: Option<String>,
+        issuer: String,
     },
-    /// An OIDC issuer: its keys come from discovery, and tokens must name it.
+    /// An OIDC issuer: its keys come from discovery, whose document must
+    /// name it as `issuer`, and tokens must name it as `iss`.
     IssuerUrl(String),
 }
 
 impl K8sPsatClusterConfig {
-    /// The `iss` tokens must have, if any.
-    pub(crate) fn issuer(&self) -> Option<&str> {
+    /// The `iss` tokens must have.
+    pub(crate) fn issuer(&self) -> &str {
         match &self.keys {
-            K8sPsatKeys::Jwks { issuer, .. } => issuer.as_deref(),
-            K8sPsatKeys::IssuerUrl(url) => Some(url),
+            K8sPsatKeys::Jwks { issuer, .. } => issuer,
+            K8sPsatKeys::IssuerUrl(url) => url,
         }
     }
 }
@@ -269,18 +270,33 @@ fn k8s_psat_cluster(
         }
         (Some(path), None) => {
             let path = PathBuf::from(path);
-            match read_jwks(&path) {
-                Ok(jwks) => Some(K8sPsatKeys::Jwks { path, jwks, issuer }),
+            let jwks = match read_jwks(&path) {
+                Ok(jwks) => Some(jwks),
                 Err(e) => {
                     problems.push(format!("{prefix}.jwks_path: {}: {e}", path.display()));
                     None
                 }
-            }
+            };
+            let issuer = match issuer {
+                None => {
+                    problems.push(format!(
+                        "{prefix}.issuer: is required with jwks_path: the `iss` claim the tokens must have"
+                    ));
+                    None
+                }
+                Some(issuer) if issuer.is_empty() => {
+                    problems.push(format!("{prefix}.issuer: must not be empty"));
+                    None
+                }
+                Some(issuer) => Some(issuer),
+            };
+            jwks.zip(issuer)
+                .map(|(jwks, issuer)| K8sPsatKeys::Jwks { path, jwks, issuer })
         }
         (None, Some(url)) => {
-            if issuer.is_some() {
+            if let Some(issuer) = issuer.filter(|issuer| *issuer != url) {
                 problems.push(format!(
-                    "{prefix}.issuer: tokens must name issuer_url as issuer; set issuer only with jwks_path"
+                    "{prefix}.issuer: {issuer:?} is not issuer_url {url:?}: with issuer_url, the discovery document and the tokens must name issuer_url as issuer"
                 ));
             }
             if !(url.starts_with("https://") || url.starts_with("http://")) {

@@ -18,7 +18,7 @@ fn cluster(issuer: &TokenIssuer) -> K8sPsatClusterConfig {
         keys: K8sPsatKeys::Jwks {
             path: "jwks.json".into(),
             jwks: serde_json::from_str(&issuer.jwks()).unwrap(),
-            issuer: Some(ISSUER.into()),
+            issuer: ISSUER.into(),
         },
         allowed_service_accounts: BTreeSet::from(["sigil:sigil-agent".to_owned()]),
     }
@@ -151,17 +151,6 @@ async fn tokens_that_fail_a_check_are_refused() {
         "params.data.payload: token is not valid yet (nbf)",
     );
 
-    let token = issuer.sign(&psat_claims(
-        "https://elsewhere.test",
-        "sigil-server",
-        "agent-x1",
-        "node-uid-1",
-    ));
-    assert_denied(
-        &refused(&psat, "prod", &token).await,
-        "params.data.payload: token issuer is not \"https://k8s.test\"",
-    );
-
     let stranger = TokenIssuer::new("k9");
     assert_denied(
         &refused(&psat, "prod", &stranger.sign(&good())).await,
@@ -208,6 +197,43 @@ async fn tokens_that_fail_a_check_are_refused() {
             "params.data.payload: token is required"
         )
     );
+}
+
+/// Refusals of tokens naming another issuer than `expected`, or none.
+async fn assert_unknown_issuers_refused(psat: &K8sPsat, issuer: &TokenIssuer, expected: &str) {
+    let claims = |iss: &str| psat_claims(iss, "sigil-server", "agent-x1", "node-uid-1");
+    let refusal = format!("params.data.payload: token issuer is not {expected:?}");
+    for other in ["https://elsewhere.test", &format!("{expected}/"), ""] {
+        assert_denied(
+            &refused(psat, "prod", &issuer.sign(&claims(other))).await,
+            &refusal,
+        );
+    }
+    let mut without = claims(expected);
+    without.as_object_mut().unwrap().remove("iss");
+    assert_denied(
+        &refused(psat, "prod", &issuer.sign(&without)).await,
+        "params.data.payload: token has no \"iss\" claim",
+    );
+    // The same token naming the cluster's issuer is accepted.
+    psat.attest(&payload("prod", &issuer.sign(&claims(expected))))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_token_from_an_unknown_issuer_is_refused() {
+    // With a JWKS file, the configured issuer.
+    let issuer = TokenIssuer::new("k1");
+    let psat = attestor(&[("prod", cluster(&issuer))]);
+    assert_unknown_issuers_refused(&psat, &issuer, ISSUER).await;
+
+    // With OIDC discovery, the issuer URL.
+    let oidc = FakeIssuer::start(issuer.jwks()).await;
+    let mut config = cluster(&issuer);
+    config.keys = K8sPsatKeys::IssuerUrl(oidc.url.clone());
+    let psat = attestor(&[("prod", config)]);
+    assert_unknown_issuers_refused(&psat, &issuer, &oidc.url).await;
 }
 
 #[tokio::test]
@@ -395,6 +421,8 @@ struct FakeIssuer {
     url: String,
     jwks: Arc<StdMutex<String>>,
     jwks_fetches: Arc<StdMutex<usize>>,
+    /// The `issuer` of the discovery document: its URL unless changed.
+    named: Arc<StdMutex<serde_json::Value>>,
 }
 
 impl FakeIssuer {
@@ -403,7 +431,9 @@ impl FakeIssuer {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let jwks = Arc::new(StdMutex::new(jwks));
         let jwks_fetches = Arc::new(StdMutex::new(0));
+        let named = Arc::new(StdMutex::new(serde_json::Value::from(url.clone())));
         let (served, fetches, base) = (Arc::clone(&jwks), Arc::clone(&jwks_fetches), url.clone());
+        let document_issuer = Arc::clone(&named);
         tokio::spawn(async move {
             loop {
                 let (mut socket, _) = listener.accept().await.unwrap();
@@ -421,8 +451,11 @@ impl FakeIssuer {
                 let (status, body) = match path.as_str() {
                     "/.well-known/openid-configuration" => (
                         "200 OK",
-                        serde_json::json!({ "issuer": base, "jwks_uri": format!("{base}/keys") })
-                            .to_string(),
+                        serde_json::json!({
+                            "issuer": document_issuer.lock().unwrap().clone(),
+                            "jwks_uri": format!("{base}/keys"),
+                        })
+                        .to_string(),
                     ),
                     "/keys" => {
                         *fetches.lock().unwrap() += 1;
@@ -442,12 +475,21 @@ impl FakeIssuer {
             url,
             jwks,
             jwks_fetches,
+            named,
         }
     }
 
     fn fetches(&self) -> usize {
         *self.jwks_fetches.lock().unwrap()
     }
+}
+
+/// Makes the last fetch of cluster `prod`'s keys old enough for another.
+async fn make_last_fetch_old(psat: &K8sPsat) {
+    let Keys::Discovered { cache, .. } = &psat.clusters["prod"].keys else {
+        panic!("cluster prod has no keys by discovery");
+    };
+    cache.lock().await.fetched_at = Instant::now().checked_sub(REFETCH_INTERVAL);
 }
 
 #[tokio::test]
@@ -478,18 +520,6 @@ async fn keys_come_from_oidc_discovery_and_are_refetched_sparingly() {
     ));
     psat.attest(&payload("prod", &token)).await.unwrap();
     assert_eq!(oidc.fetches(), 1);
-
-    // The issuer must be the discovery URL.
-    let token = issuer.sign(&psat_claims(
-        ISSUER,
-        "sigil-server",
-        "agent-x1",
-        "node-uid-1",
-    ));
-    assert_denied(
-        &refused(&psat, "prod", &token).await,
-        &format!("params.data.payload: token issuer is not {:?}", oidc.url),
-    );
 
     // A rotated key is unknown; within 30 s of the last fetch, the keys are
     // not fetched again.
@@ -524,9 +554,7 @@ async fn an_unknown_key_triggers_one_refetch() {
     ));
     psat.attest(&payload("prod", &token)).await.unwrap();
     // Pretend the last fetch is old, then rotate: the new key is fetched.
-    if let Keys::Discovered { cache, .. } = &psat.clusters["prod"].keys {
-        cache.lock().await.fetched_at = Instant::now().checked_sub(REFETCH_INTERVAL);
-    }
+    make_last_fetch_old(&psat).await;
     let rotated = TokenIssuer::new("k2");
     *oidc.jwks.lock().unwrap() = rotated.jwks();
     let token = rotated.sign(&psat_claims(
@@ -537,4 +565,63 @@ async fn an_unknown_key_triggers_one_refetch() {
     ));
     psat.attest(&payload("prod", &token)).await.unwrap();
     assert_eq!(oidc.fetches(), 2);
+}
+
+#[tokio::test]
+async fn keys_of_a_discovery_document_naming_another_issuer_are_refused() {
+    let issuer = TokenIssuer::new("k1");
+    let oidc = FakeIssuer::start(issuer.jwks()).await;
+    *oidc.named.lock().unwrap() = "https://elsewhere.test".into();
+    let mut config = cluster(&issuer);
+    config.keys = K8sPsatKeys::IssuerUrl(oidc.url.clone());
+    let psat = attestor(&[("prod", config)]);
+    let token = issuer.sign(&psat_claims(
+        &oidc.url,
+        "sigil-server",
+        "agent-x1",
+        "node-uid-1",
+    ));
+    let unavailable = |detail: &str| {
+        format!(
+            "cannot get the keys of the cluster's issuer: {}/.well-known/openid-configuration: {detail}: its keys are not used",
+            oidc.url
+        )
+    };
+    let mismatch = unavailable(&format!(
+        "the document names issuer \"https://elsewhere.test\", not {:?}",
+        oidc.url
+    ));
+    let status = refused(&psat, "prod", &token).await;
+    assert_eq!(
+        (status.code(), status.message()),
+        (tonic::Code::Unavailable, mismatch.as_str())
+    );
+    assert_eq!(oidc.fetches(), 0, "the JWKS is not even fetched");
+    // Until the next fetch, the same refusal.
+    let status = refused(&psat, "prod", &token).await;
+    assert_eq!(
+        (status.code(), status.message()),
+        (tonic::Code::Unavailable, mismatch.as_str())
+    );
+
+    *oidc.named.lock().unwrap() = serde_json::Value::Null;
+    make_last_fetch_old(&psat).await;
+    let status = refused(&psat, "prod", &token).await;
+    assert_eq!(
+        (status.code(), status.message()),
+        (
+            tonic::Code::Unavailable,
+            unavailable("the document has no issuer").as_str()
+        )
+    );
+
+    // Once the document names the issuer URL, its keys are used.
+    *oidc.named.lock().unwrap() = oidc.url.clone().into();
+    make_last_fetch_old(&psat).await;
+    let attested = psat.attest(&payload("prod", &token)).await.unwrap();
+    assert_eq!(
+        attested.agent_id.as_str(),
+        "spiffe://example.org/sigil/agent/k8s_psat/prod/node-uid-1"
+    );
+    assert_eq!(oidc.fetches(), 1);
 }

@@ -31,7 +31,7 @@ fn x509pop_and_k8s_psat_are_read_with_their_files() {
     std::fs::write(&jwks, TokenIssuer::new("k1").jwks()).unwrap();
     let config = file(&format!(
         "[node_attestors.x509pop]\nca_bundle_path = {}\nagent_path_template = \"/node/{{subject_cn}}\"\n\
-         [node_attestors.k8s_psat.clusters.prod]\njwks_path = {}\nallowed_service_accounts = [\"sigil:sigil-agent\"]\n\
+         [node_attestors.k8s_psat.clusters.prod]\njwks_path = {}\nissuer = \"https://k8s.prod.test\"\nallowed_service_accounts = [\"sigil:sigil-agent\"]\n\
          [node_attestors.k8s_psat.clusters.dev]\nissuer_url = \"https://oidc.dev.test\"\naudience = \"sigil\"\nallowed_service_accounts = [\"sigil:agent\"]\n",
         quoted(&ca),
         quoted(&jwks)
@@ -43,11 +43,11 @@ fn x509pop_and_k8s_psat_are_read_with_their_files() {
     let clusters = config.node_attestors.k8s_psat.unwrap().clusters;
     let prod = &clusters["prod"];
     assert_eq!(prod.audience, "sigil-server");
-    assert_eq!(prod.issuer(), None);
+    assert_eq!(prod.issuer(), "https://k8s.prod.test");
     assert!(matches!(&prod.keys, K8sPsatKeys::Jwks { jwks, .. } if jwks.keys.len() == 1));
     let dev = &clusters["dev"];
     assert_eq!(dev.audience, "sigil");
-    assert_eq!(dev.issuer(), Some("https://oidc.dev.test"));
+    assert_eq!(dev.issuer(), "https://oidc.dev.test");
     assert_eq!(
         dev.allowed_service_accounts.iter().collect::<Vec<_>>(),
         ["sigil:agent"]
@@ -83,6 +83,7 @@ fn every_node_attestor_problem_is_reported() {
         ),
         "node_attestors.tpm: unknown node attestor (known: x509pop, k8s_psat)",
         "node_attestors.k8s_psat.clusters.a.allowed_service_accounts: must list at least one \"namespace:name\"",
+        "node_attestors.k8s_psat.clusters.a.issuer: is required with jwks_path: the `iss` claim the tokens must have",
         &format!(
             "node_attestors.k8s_psat.clusters.a.jwks_path: {}: keys[0]: symmetric keys are not accepted",
             bad_jwks.display()
@@ -106,7 +107,7 @@ fn a_jwks_that_is_not_json_is_reported() {
     let jwks = dir.path().join("jwks.json");
     std::fs::write(&jwks, "not json").unwrap();
     let err = file(&format!(
-        "[node_attestors.k8s_psat.clusters.prod]\njwks_path = {}\nallowed_service_accounts = [\"a:b\"]\n",
+        "[node_attestors.k8s_psat.clusters.prod]\njwks_path = {}\nissuer = \"https://k8s.test\"\nallowed_service_accounts = [\"a:b\"]\n",
         quoted(&jwks)
     ))
     .unwrap_err();
@@ -118,6 +119,55 @@ fn a_jwks_that_is_not_json_is_reported() {
         )),
         "{err}"
     );
+}
+
+#[test]
+fn every_k8s_psat_cluster_has_an_issuer() {
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(&jwks, TokenIssuer::new("k1").jwks()).unwrap();
+    let cluster = |name: &str, keys: &str| {
+        format!(
+            "[node_attestors.k8s_psat.clusters.{name}]\n{keys}\nallowed_service_accounts = [\"a:b\"]\n"
+        )
+    };
+    let with_jwks = |issuer: &str| format!("jwks_path = {}\n{issuer}", quoted(&jwks));
+
+    let err = file(&format!(
+        "{}{}{}",
+        cluster("unset", &with_jwks("")),
+        cluster("empty", &with_jwks("issuer = \"\"")),
+        cluster(
+            "other",
+            "issuer_url = \"https://oidc.test\"\nissuer = \"https://k8s.test\""
+        ),
+    ))
+    .unwrap_err();
+    let mut got = err.0.clone();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            "node_attestors.k8s_psat.clusters.empty.issuer: must not be empty",
+            "node_attestors.k8s_psat.clusters.other.issuer: \"https://k8s.test\" is not issuer_url \"https://oidc.test\": with issuer_url, the discovery document and the tokens must name issuer_url as issuer",
+            "node_attestors.k8s_psat.clusters.unset.issuer: is required with jwks_path: the `iss` claim the tokens must have",
+        ],
+        "{err}"
+    );
+
+    // issuer_url is the issuer; repeating it as issuer is allowed.
+    let config = file(&format!(
+        "{}{}",
+        cluster(
+            "same",
+            "issuer_url = \"https://oidc.test\"\nissuer = \"https://oidc.test\""
+        ),
+        cluster("url", "issuer_url = \"https://oidc2.test\""),
+    ))
+    .unwrap();
+    let clusters = config.node_attestors.k8s_psat.unwrap().clusters;
+    assert_eq!(clusters["same"].issuer(), "https://oidc.test");
+    assert_eq!(clusters["url"].issuer(), "https://oidc2.test");
 }
 
 #[test]
@@ -147,6 +197,10 @@ fn the_example_configurations_load() {
     assert_eq!(psat.clusters.keys().collect::<Vec<_>>(), ["lab", "prod"]);
     assert_eq!(
         psat.clusters["lab"].issuer(),
-        Some("https://kubernetes.default.svc.cluster.local")
+        "https://kubernetes.default.svc.cluster.local"
+    );
+    assert_eq!(
+        psat.clusters["prod"].issuer(),
+        "https://oidc.prod.example.org"
     );
 }

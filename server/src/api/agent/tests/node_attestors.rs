@@ -2,8 +2,12 @@
 
 use super::*;
 
+/// The issuer of the k8s_psat tokens the test server accepts.
+const PSAT_ISSUER: &str = "https://k8s.test";
+
 /// A server trusting `ca` for x509pop, and accepting k8s_psat tokens of
-/// `issuer` in cluster `prod`.
+/// `issuer` (named [`PSAT_ISSUER`]) in clusters `prod` and `prod-b`, which
+/// share that issuer.
 async fn attesting_server(
     ca: &crate::attest::testing::NodeCa,
     issuer: &crate::attest::testing::TokenIssuer,
@@ -16,19 +20,20 @@ async fn attesting_server(
             agent_path_template: crate::attest::x509pop::DEFAULT_PATH_TEMPLATE.into(),
         }),
         k8s_psat: Some(K8sPsatConfig {
-            clusters: [(
-                "prod".to_owned(),
-                K8sPsatClusterConfig {
-                    audience: "sigil-server".into(),
-                    keys: K8sPsatKeys::Jwks {
-                        path: "jwks.json".into(),
-                        jwks: serde_json::from_str(&issuer.jwks()).unwrap(),
-                        issuer: None,
-                    },
-                    allowed_service_accounts: ["sigil:sigil-agent".to_owned()].into(),
-                },
-            )]
-            .into(),
+            clusters: ["prod", "prod-b"]
+                .map(|name| {
+                    let cluster = K8sPsatClusterConfig {
+                        audience: "sigil-server".into(),
+                        keys: K8sPsatKeys::Jwks {
+                            path: "jwks.json".into(),
+                            jwks: serde_json::from_str(&issuer.jwks()).unwrap(),
+                            issuer: PSAT_ISSUER.into(),
+                        },
+                        allowed_service_accounts: ["sigil:sigil-agent".to_owned()].into(),
+                    };
+                    (name.to_owned(), cluster)
+                })
+                .into(),
         }),
     })
     .await
@@ -181,19 +186,15 @@ async fn an_unanswered_challenge_times_out() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn k8s_psat_attests_and_a_token_serves_one_agent() {
+async fn a_k8s_psat_token_attests_its_agent_again_but_no_other_agent() {
     use crate::attest::testing::{NodeCa, TokenIssuer, psat_claims};
     use prost::Message as _;
+    use sigil::proto::sigil::admin::v1::ListAgentsRequest;
 
     let issuer = TokenIssuer::new("k1");
     let mut s = attesting_server(&NodeCa::root("Node CA"), &issuer).await;
     let mut client = s.agent_client(None).await;
-    let token = issuer.sign(&psat_claims(
-        "https://k8s",
-        "sigil-server",
-        "agent-x1",
-        "n-1",
-    ));
+    let token = issuer.sign(&psat_claims(PSAT_ISSUER, "sigil-server", "agent-x1", "n-1"));
     let payload = |cluster: &str| {
         sigil::proto::sigil::agent::v1::K8sPsatAttestation {
             cluster: cluster.into(),
@@ -226,13 +227,45 @@ async fn k8s_psat_attests_and_a_token_serves_one_agent() {
         }
     };
     let svid = attest(&mut client, payload("prod")).await.unwrap();
-    assert_eq!(
-        svid.spiffe_id,
-        "spiffe://example.org/sigil/agent/k8s_psat/prod/n-1"
-    );
+    let agent_id = "spiffe://example.org/sigil/agent/k8s_psat/prod/n-1";
+    assert_eq!(svid.spiffe_id, agent_id);
     // The same agent may attest again with its token (its pod restarted).
     let again = attest(&mut client, payload("prod")).await.unwrap();
-    assert_eq!(again.spiffe_id, svid.spiffe_id);
+    assert_eq!(again.spiffe_id, agent_id);
+
+    // Cluster prod-b trusts the same issuer, so the token verifies there
+    // too, for agent .../prod-b/n-1: refused, as the token is spent.
+    let status = attest(&mut client, payload("prod-b")).await.unwrap_err();
+    assert_status(
+        &status,
+        tonic::Code::PermissionDenied,
+        "params.data.payload: token already used",
+    );
+    let agents: Vec<String> = s
+        .admin
+        .list_agents(ListAgentsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .agents
+        .into_iter()
+        .map(|a| a.spiffe_id)
+        .collect();
+    assert_eq!(agents, [agent_id]);
+
+    // Another pod's token, naming the same node, attests the prod-b agent.
+    let fresh = issuer.sign(&psat_claims(PSAT_ISSUER, "sigil-server", "agent-x2", "n-1"));
+    let fresh_payload = sigil::proto::sigil::agent::v1::K8sPsatAttestation {
+        cluster: "prod-b".into(),
+        token: fresh,
+    }
+    .encode_to_vec();
+    let svid = attest(&mut client, fresh_payload).await.unwrap();
+    assert_eq!(
+        svid.spiffe_id,
+        "spiffe://example.org/sigil/agent/k8s_psat/prod-b/n-1"
+    );
+
     let status = attest(&mut client, payload("dev")).await.unwrap_err();
     assert_status(
         &status,
