@@ -234,7 +234,11 @@ impl Entry {
     /// Whether a change from `self` to `new` alters the X.509-SVIDs issued
     /// for it, so that agents must sign new ones. The JWT-SVID lifetime,
     /// federation, the admin and downstream flags and the expiry do not
-    /// appear in X.509-SVIDs.
+    /// appear in X.509-SVIDs. Nor do the selectors and the parent: they
+    /// decide which workloads and agents get the entry's SVID, not what it
+    /// says, so an agent that still holds the entry after such a change
+    /// serves the SVID it has to the workloads that now match, and an agent
+    /// that gains the entry signs one as for any new entry.
     pub fn svid_changed(&self, new: &Entry) -> bool {
         self.spiffe_id != new.spiffe_id
             || self.dns_names != new.dns_names

@@ -14,6 +14,12 @@
 //! - An SVID signed by a tainted authority (one whose subject key identifier
 //!   the server lists) is replaced early, at a time drawn over a short
 //!   window (see [`taint`]).
+//! - A new SVID whose signing authority is not yet in the trust bundle the
+//!   agent holds (an authority activated before its publication reached
+//!   this agent) is held back, and the previous SVID served, until a bundle
+//!   with that authority arrives or [`MAX_BUNDLE_WAIT`] has passed: no
+//!   workload is handed an SVID that the bundles of its peers may not
+//!   verify yet.
 
 mod clock;
 pub(crate) mod schedule;
@@ -41,6 +47,13 @@ pub(crate) const MAX_BATCH: usize = 500;
 
 /// From this many keys on, keys and CSRs are made on the blocking pool.
 const BLOCKING_KEYGEN_THRESHOLD: usize = 16;
+
+/// How long a new SVID is held back waiting for a trust bundle that holds
+/// its signing authority (never past the expiry of the SVID it replaces).
+/// The server publishes an authority long before it signs with it, and
+/// pushes the bundle at once, so this only bounds what a lost or late push
+/// can delay.
+pub(crate) const MAX_BUNDLE_WAIT: Duration = Duration::from_secs(30);
 
 /// A change from the entry sync.
 #[derive(Debug, Default)]
@@ -72,11 +85,41 @@ struct Tracked {
     stale: bool,
     /// The identity as last published, reused while nothing changed.
     published: Option<Arc<Identity>>,
+    /// A newly signed SVID waiting for a bundle that holds its authority.
+    held: Option<Held>,
+}
+
+/// A signed SVID not served yet, and what `Tracked` takes from it when it is.
+#[derive(Debug)]
+struct Held {
+    svid: Arc<Svid>,
+    renew_at: SystemTime,
+    authority_key: Option<Vec<u8>>,
+    /// The key identifier of the authority that signed the top of the
+    /// chain, which the bundle must hold (an upstream root when the chain
+    /// includes intermediates).
+    root_key: Option<Vec<u8>>,
+    /// Served from then on even if no bundle holds its authority.
+    until: SystemTime,
 }
 
 impl Tracked {
     fn is_due(&self, horizon: SystemTime) -> bool {
+        if self.held.is_some() {
+            return false;
+        }
         self.svid.is_none() || self.stale || self.renew_at.is_none_or(|at| at <= horizon)
+    }
+
+    /// Serves the held SVID, if any.
+    fn release(&mut self) {
+        if let Some(held) = self.held.take() {
+            self.svid = Some(held.svid);
+            self.renew_at = Some(held.renew_at);
+            self.authority_key = held.authority_key;
+            self.stale = false;
+            self.published = None;
+        }
     }
 }
 
@@ -98,6 +141,8 @@ pub(crate) struct Manager<S, C> {
     tx: SnapshotSender,
     bundle: Arc<X509Bundle>,
     bundle_der: Arc<Vec<u8>>,
+    /// The subject key identifiers of the bundle's authorities.
+    bundle_keys: HashSet<Vec<u8>>,
     entries: HashMap<String, Tracked>,
     version: u64,
     dirty: bool,
@@ -113,6 +158,7 @@ impl<S: BatchSigner, C: Clock> Manager<S, C> {
     /// A manager with no entries yet, serving `bundle`.
     pub(crate) fn new(signer: S, clock: C, bundle: X509Bundle) -> Self {
         let bundle_der = Arc::new(bundle.to_concatenated_der());
+        let bundle_keys = taint::subject_key_ids(&bundle);
         let bundle = Arc::new(bundle);
         let (tx, _) = watch::channel(Arc::new(Snapshot {
             bundle: Arc::clone(&bundle),
@@ -128,6 +174,7 @@ impl<S: BatchSigner, C: Clock> Manager<S, C> {
             tx,
             bundle,
             bundle_der,
+            bundle_keys,
             entries: HashMap::new(),
             version: 0,
             dirty: false,
@@ -162,6 +209,7 @@ impl<S: BatchSigner, C: Clock> Manager<S, C> {
         loop {
             let now = self.clock.now();
             self.drop_expired(now);
+            self.release_held(now);
             let due = self.due(now);
             let may_sign = !due.is_empty() && self.retry_at.is_none_or(|at| at <= Instant::now());
             if may_sign {
@@ -192,8 +240,10 @@ impl<S: BatchSigner, C: Clock> Manager<S, C> {
     fn apply(&mut self, update: Update) {
         if let Some(bundle) = update.bundle {
             self.bundle_der = Arc::new(bundle.to_concatenated_der());
+            self.bundle_keys = taint::subject_key_ids(&bundle);
             self.bundle = Arc::new(bundle);
             self.dirty = true;
+            self.release_held(self.clock.now());
         }
         for id in update.deleted {
             if let Some(gone) = self.entries.remove(&id) {
@@ -212,8 +262,10 @@ impl<S: BatchSigner, C: Clock> Manager<S, C> {
                         // for this entry again.
                         tracked.svid = None;
                         tracked.renew_at = None;
+                        tracked.held = None;
                     } else if tracked.entry.svid_changed(&entry) {
                         tracked.stale = true;
+                        tracked.held = None;
                     }
                     tracing::debug!(entry.id = %entry.id, spiffe.id = %entry.spiffe_id, revision = entry.revision, "entry updated");
                     tracked.entry = entry;
@@ -230,6 +282,7 @@ impl<S: BatchSigner, C: Clock> Manager<S, C> {
                             authority_key: None,
                             stale: false,
                             published: None,
+                            held: None,
                         },
                     );
                 }
@@ -279,6 +332,32 @@ impl<S: BatchSigner, C: Clock> Manager<S, C> {
         }
     }
 
+    /// Serves every held SVID whose authority the bundle now holds, or
+    /// whose wait is over.
+    fn release_held(&mut self, now: SystemTime) {
+        for tracked in self.entries.values_mut() {
+            let Some(held) = &tracked.held else {
+                continue;
+            };
+            let covered = held
+                .root_key
+                .as_ref()
+                .is_none_or(|k| self.bundle_keys.contains(k));
+            if !covered && held.until > now {
+                continue;
+            }
+            if !covered {
+                tracing::warn!(
+                    entry.id = %tracked.entry.id,
+                    spiffe.id = %tracked.entry.spiffe_id,
+                    "no trust bundle with the authority of the new X.509-SVID arrived in time; serving it anyway"
+                );
+            }
+            tracked.release();
+            self.dirty = true;
+        }
+    }
+
     /// Drops every SVID whose notAfter has passed.
     fn drop_expired(&mut self, now: SystemTime) {
         for tracked in self.entries.values_mut() {
@@ -315,7 +394,10 @@ impl<S: BatchSigner, C: Clock> Manager<S, C> {
             if let Some(svid) = &tracked.svid {
                 wake = wake.min(schedule::instant_at(svid.not_after, now));
             }
-            if tracked.is_due(horizon) {
+            if let Some(held) = &tracked.held {
+                // Nothing is due for it before the wait ends.
+                wake = wake.min(schedule::instant_at(held.until, now));
+            } else if tracked.is_due(horizon) {
                 any_due = true;
             } else if let Some(at) = tracked.renew_at {
                 wake = wake.min(schedule::instant_at(at, now));
@@ -435,6 +517,7 @@ impl<S: BatchSigner, C: Clock> Manager<S, C> {
             not_after,
         });
         let authority_key = svid.chain.first().and_then(|c| taint::authority_key_id(c));
+        let root_key = svid.chain.last().and_then(|c| taint::authority_key_id(c));
         let mut renew_at =
             schedule::renewal_time(svid.not_before, svid.not_after, now, (self.jitter)());
         if authority_key
@@ -454,12 +537,31 @@ impl<S: BatchSigner, C: Clock> Manager<S, C> {
             renews = %humantime::format_rfc3339_seconds(renew_at),
             "X.509-SVID rotated"
         );
-        tracked.svid = Some(svid);
-        tracked.renew_at = Some(renew_at);
-        tracked.authority_key = authority_key;
+        let mut until = now + MAX_BUNDLE_WAIT;
+        if let Some(current) = &tracked.svid {
+            until = until.min(current.not_after);
+        }
+        let covered = root_key
+            .as_ref()
+            .is_none_or(|k| self.bundle_keys.contains(k));
+        tracked.held = Some(Held {
+            svid,
+            renew_at,
+            authority_key,
+            root_key,
+            until,
+        });
         tracked.stale = false;
-        tracked.published = None;
-        self.dirty = true;
+        if covered {
+            tracked.release();
+            self.dirty = true;
+        } else {
+            tracing::info!(
+                entry.id = %p.entry_id,
+                spiffe.id = %id,
+                "new X.509-SVID held until the trust bundle holds its signing authority"
+            );
+        }
         Ok(())
     }
 

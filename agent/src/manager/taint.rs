@@ -1,11 +1,14 @@
-//! Replacing SVIDs signed by a tainted authority: which authority signed a
-//! certificate, and how soon a replacement is due.
+//! Which authority signed a certificate, which authorities a bundle holds,
+//! and how soon an SVID signed by a tainted authority is replaced.
 //!
 //! Replacements are spread uniformly over a window of
 //! `min(`[`MAX_TAINT_WINDOW`]`, 10 % of the remaining lifetime)` so that
 //! every agent of the trust domain does not ask the server at once.
 
+use std::collections::HashSet;
 use std::time::{Duration, SystemTime};
+
+use sigil::bundle::X509Bundle;
 
 use x509_parser::extensions::ParsedExtension;
 use x509_parser::prelude::{FromDer, X509Certificate};
@@ -28,6 +31,24 @@ pub(crate) fn authority_key_id(der: &[u8]) -> Option<Vec<u8>> {
             }
             _ => None,
         })
+}
+
+/// The subject key identifiers of a bundle's authorities (those that have
+/// one).
+pub(crate) fn subject_key_ids(bundle: &X509Bundle) -> HashSet<Vec<u8>> {
+    bundle
+        .authorities()
+        .iter()
+        .filter_map(|der| {
+            let (_, cert) = X509Certificate::from_der(der).ok()?;
+            cert.extensions()
+                .iter()
+                .find_map(|ext| match ext.parsed_extension() {
+                    ParsedExtension::SubjectKeyIdentifier(ski) => Some(ski.0.to_vec()),
+                    _ => None,
+                })
+        })
+        .collect()
 }
 
 /// When an SVID valid until `not_after` signed by a tainted authority is

@@ -10,7 +10,7 @@ use rcgen::{Issuer, KeyPair};
 use rustls_pki_types::CertificateDer;
 use sigil::bundle::X509Bundle;
 use sigil::x509::{Authority, Csr};
-use sigil::{Entry, SpiffeId};
+use sigil::{Entry, Selector, Selectors, SpiffeId};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -153,6 +153,19 @@ impl Harness {
             ..Update::default()
         })
         .await;
+    }
+
+    /// Sends the bundle of the latest snapshot with `ca` added, as the
+    /// entry sync does when the server publishes a new authority.
+    async fn publish_too(&self, ca: &Authority) -> Vec<CertificateDer<'static>> {
+        let mut authorities = self.snapshot().bundle.authorities().to_vec();
+        authorities.push(ca.cert().clone());
+        self.apply(Update {
+            bundle: Some(X509Bundle::new(td(), authorities.clone())),
+            ..Update::default()
+        })
+        .await;
+        authorities
     }
 
     fn snapshot(&self) -> Arc<crate::cache::Snapshot> {
@@ -373,6 +386,52 @@ async fn dns_name_changes_resign_but_hint_changes_do_not() {
     assert!(!Arc::ptr_eq(&h.svid_of("e1").unwrap(), &first));
 }
 
+/// A TTL change re-signs; a change of selectors or parent only changes who
+/// is served the SVID the agent already holds, which stays the same.
+#[tokio::test(start_paused = true)]
+async fn ttl_changes_resign_but_selector_and_parent_changes_do_not() {
+    let h = start(Duration::from_secs(1000), None);
+    let original = entry("e1", "/web");
+    h.add(vec![original.clone()]).await;
+    let first = h.svid_of("e1").unwrap();
+    advance(10).await;
+
+    let mut moved = original.clone();
+    moved.selectors = Selectors::new();
+    moved
+        .selectors
+        .insert(Selector::new("unix", "uid:2002").unwrap());
+    moved.parent_id = "spiffe://example.org/node/alias".parse().unwrap();
+    moved.revision = 2;
+    h.add(vec![moved.clone()]).await;
+    assert_eq!(
+        h.signer.calls().len(),
+        1,
+        "no signing for selectors or parent"
+    );
+    let snapshot = h.snapshot();
+    assert_eq!(snapshot.identities[0].entry.selectors, moved.selectors);
+    assert_eq!(snapshot.identities[0].entry.parent_id, moved.parent_id);
+    assert!(Arc::ptr_eq(
+        snapshot.identities[0].svid.as_ref().unwrap(),
+        &first
+    ));
+
+    let mut shortened = moved;
+    shortened.x509_svid_ttl = Some(Duration::from_secs(300));
+    shortened.revision = 3;
+    h.add(vec![shortened]).await;
+    let calls = h.signer.calls();
+    assert_eq!(
+        calls
+            .iter()
+            .map(|c| (c.at, c.entries.clone()))
+            .collect::<Vec<_>>(),
+        vec![(0.0, vec!["e1".to_owned()]), (10.0, vec!["e1".to_owned()])]
+    );
+    assert!(!Arc::ptr_eq(&h.svid_of("e1").unwrap(), &first));
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_spiffe_id_change_drops_the_old_svid_and_signs_a_new_one() {
     let h = start(Duration::from_secs(1000), None);
@@ -478,6 +537,7 @@ async fn svids_of_a_tainted_authority_and_only_those_are_replaced_within_the_win
     let next_key = subject_key_id(next.cert());
     assert_ne!(tainted_key, next_key);
     h.signer.sign_with(&next);
+    h.publish_too(&next).await;
     h.add(vec![entry("e3", "/three")]).await;
     let e3 = h.svid_of("e3").unwrap();
     assert_eq!(
@@ -531,4 +591,53 @@ async fn svids_of_a_tainted_authority_and_only_those_are_replaced_within_the_win
     .await;
     advance(31).await;
     assert_eq!(h.signer.calls().len(), calls_before + calls.len());
+}
+
+fn signed_by(svid: &crate::cache::Svid, ca: &Authority) -> bool {
+    taint::authority_key_id(&svid.chain[0]) == Some(subject_key_id(ca.cert()))
+}
+
+/// An SVID from an authority missing from the agent's bundle is held back,
+/// with the SVID it replaces still served, until a bundle holding that
+/// authority arrives; then both reach workloads in one snapshot.
+#[tokio::test(start_paused = true)]
+async fn an_svid_from_an_unpublished_authority_waits_for_the_bundle() {
+    let h = start(Duration::from_secs(1000), Some(|| 0.0));
+    h.add(vec![entry("e1", "/web")]).await;
+    let first = h.svid_of("e1").unwrap();
+    let next = Authority::self_signed(&td(), Duration::from_secs(365 * 24 * 3600)).unwrap();
+    h.signer.sign_with(&next);
+
+    // Past the renewal (40-50 % of the lifetime), within the wait: renewed,
+    // not served.
+    advance(510).await;
+    assert_eq!(calls_with(&h.signer.calls(), "e1").len(), 2);
+    assert!(Arc::ptr_eq(&h.svid_of("e1").unwrap(), &first));
+    h.add(vec![entry("e2", "/api")]).await;
+    assert!(h.svid_of("e2").is_none(), "no SVID its peers cannot verify");
+    assert_eq!(h.signer.calls().len(), 3);
+
+    let authorities = h.publish_too(&next).await;
+    let snapshot = h.snapshot();
+    assert_eq!(snapshot.bundle.authorities(), authorities.as_slice());
+    for id in ["e1", "e2"] {
+        assert!(signed_by(&h.svid_of(id).unwrap(), &next), "{id}");
+    }
+    assert_eq!(h.signer.calls().len(), 3, "nothing signed again");
+}
+
+/// A held SVID is served anyway once no bundle came for MAX_BUNDLE_WAIT.
+#[tokio::test(start_paused = true)]
+async fn a_held_svid_is_served_when_no_bundle_comes_in_time() {
+    let h = start(Duration::from_secs(1000), None);
+    let next = Authority::self_signed(&td(), Duration::from_secs(365 * 24 * 3600)).unwrap();
+    h.signer.sign_with(&next);
+    h.add(vec![entry("e1", "/web")]).await;
+    assert!(h.svid_of("e1").is_none());
+
+    advance(MAX_BUNDLE_WAIT.as_secs() - 1).await;
+    assert!(h.svid_of("e1").is_none());
+    advance(2).await;
+    assert!(signed_by(&h.svid_of("e1").unwrap(), &next));
+    assert_eq!(h.signer.calls().len(), 1, "signed once");
 }
