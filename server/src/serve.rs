@@ -39,7 +39,7 @@ use crate::ca::{Ca, create_private_dir, rotation, server_svid};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::listen;
-use crate::registry::{Registry, expiry};
+use crate::registry::{ListQuery, Registry, expiry};
 use crate::shutdown::{self, Trigger};
 use crate::store::{SledStore, Store};
 use crate::tokens::JoinTokens;
@@ -129,6 +129,14 @@ pub(crate) async fn start(config: &Config) -> anyhow::Result<Running> {
         rotation::cap_svid_ttl("agent_svid_ttl", config.agent_svid_ttl, config.ca_ttl);
     let registry = Arc::new(Registry::load(td.clone(), Arc::clone(&store)).await?);
     tracing::info!(entries = registry.len(), "loaded the registration entries");
+    let (stored, _) = registry.list(&ListQuery {
+        limit: usize::MAX,
+        ..ListQuery::default()
+    });
+    rotation::warn_capped_entries(
+        stored.iter().map(|e| &**e),
+        rotation::max_svid_ttl(config.ca_ttl),
+    );
     let tokens = Arc::new(JoinTokens::new(td, Arc::clone(&store)));
     let (trigger, shutdown) = shutdown::channel();
 

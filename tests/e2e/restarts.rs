@@ -72,3 +72,43 @@ fn restarted_agent_keeps_its_identity_without_a_new_token() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("spiffe://example.org/web"));
 }
+
+/// An entry's x509_svid_ttl longer than a sixth of ca_ttl is capped: the
+/// server names the entry when it is created and again at every start, and
+/// the SVID a workload gets lives no longer than the cap.
+#[test]
+fn an_entry_lifetime_over_the_rotation_cap_is_named_at_start_and_capped() {
+    let dir = scratch();
+    // A cap of 1 h.
+    let mut server = Server::start_with(dir.path(), &["--ca-ttl", "6h"]);
+    let (token, agent_id) = server.token(&[]);
+    let uid = own_uid_selector();
+    let entry = server.create_entry(
+        "spiffe://example.org/long-lived",
+        &agent_id,
+        &[uid.as_str()],
+        &["--x509-svid-ttl", "7200"],
+    );
+    let id = entry["id"].as_str().unwrap().to_owned();
+    let warnings = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("longer than a sixth of ca_ttl") && l.contains(&id))
+            .count()
+    };
+    assert_eq!(warnings(&server.log()), 1, "{}", server.log());
+
+    // The log starts anew with each start of the server.
+    server.restart();
+    assert_eq!(warnings(&server.log()), 1, "{}", server.log());
+
+    let agent = Agent::start(&server, "agent", Some(&token));
+    let out_dir = dir.path().join("svid");
+    let out = agent.fetch(None, Some(&out_dir));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let pem = std::fs::read(out_dir.join("svid.0.pem")).unwrap();
+    let chain = pem::parse_many(pem).unwrap();
+    let (_, leaf) = x509_parser::parse_x509_certificate(chain[0].contents()).unwrap();
+    let life = leaf.validity().not_after.timestamp() - leaf.validity().not_before.timestamp();
+    // The cap plus the few seconds notBefore is back-dated.
+    assert!((3600..=3660).contains(&life), "lifetime {life}s");
+}
