@@ -365,6 +365,24 @@ fn the_audit_log_records_every_change_with_its_caller_and_outcome() {
         "--path",
         bundle_file.to_str().unwrap(),
     ]);
+    server.cli_ok(&["agent", "unban", "--spiffe-id", agent_id]);
+    server.cli_ok(&["agent", "evict", "--spiffe-id", agent_id]);
+    server.cli_ok(&["bundle", "delete", "--id", "spiffe://other.org"]);
+    server.cli_ok(&[
+        "x509",
+        "mint",
+        "--spiffe-id",
+        "spiffe://example.org/backup",
+        "--dns-name",
+        "backup.example.org",
+    ]);
+    let foreign = server.cli(&[
+        "token",
+        "generate",
+        "--spiffe-id",
+        "spiffe://other.org/node",
+    ]);
+    assert_eq!(foreign.status.code(), Some(1), "{}", stderr(&foreign));
 
     let events = audit_events(server);
     let text = std::fs::read_to_string(server.data_dir.join("audit.log")).unwrap();
@@ -393,6 +411,14 @@ fn the_audit_log_records_every_change_with_its_caller_and_outcome() {
         }}]),
         json!([me, "agent.ban", [agent_id], "ok"]),
         json!([me, "bundle.set", ["other.org"], "ok"]),
+        json!([me, "agent.unban", [agent_id], "ok"]),
+        json!([me, "agent.evict", [agent_id], "ok"]),
+        json!([me, "bundle.delete", ["other.org"], "ok"]),
+        json!([me, "x509.mint", ["spiffe://example.org/backup"], "ok"]),
+        json!([me, "token.generate", ["spiffe://other.org/node"], {"error": {
+            "code": "INVALID_ARGUMENT",
+            "message": "agent_id: \"spiffe://other.org/node\" is not in trust domain example.org",
+        }}]),
     ];
     assert_eq!(got, expected, "{got:#?}");
 
@@ -402,4 +428,9 @@ fn the_audit_log_records_every_change_with_its_caller_and_outcome() {
     let token_id = events[2]["details"]["token_id"].as_str().unwrap();
     assert_eq!(token_id.len(), 16, "{token_id}");
     assert_eq!(events[9]["details"]["x509_authorities"], 1);
+    assert_eq!(
+        events[13]["details"]["dns_names"],
+        json!(["backup.example.org"])
+    );
+    assert!(events[13]["details"]["expires_at"].is_string());
 }

@@ -271,3 +271,111 @@ async fn tainting_the_old_authority_replaces_its_svids_and_revoking_removes_it()
     assert_eq!(summary, expected, "{audit}");
     assert_eq!(events[4]["ids"], serde_json::json!([old_id]));
 }
+
+/// `revoke --force` removes a tainted authority that still has live SVIDs:
+/// `show` marks it revoked, the server's bundle and the bundle on a
+/// workload's open stream lose it, and the audit log records the force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_revocation_removes_an_authority_with_live_svids() {
+    let dir = scratch();
+    let server = Server::start_with(dir.path(), &["--default-x509-svid-ttl", "2h"]);
+    let uid = own_uid_selector();
+    let (token, agent_id) = server.token(&["--spiffe-id", "spiffe://example.org/node/a"]);
+    server.create_entry("spiffe://example.org/web", &agent_id, &[uid.as_str()], &[]);
+    let agent = Agent::start(&server, "agent-a", Some(&token));
+    let old_id = show(&server)[0]["authority_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let old_der = pem::parse(server.bundle_pem().as_bytes())
+        .unwrap()
+        .into_contents();
+    eventually("2 live SVIDs", Duration::from_secs(10), || {
+        (authority(&show(&server), &old_id)["live_svids"] == 2).then_some(())
+    });
+    let client = spiffe::WorkloadApiClient::connect_to(agent.endpoint())
+        .await
+        .unwrap();
+    let mut stream = client.stream_x509_contexts().await.unwrap();
+    let td = spiffe::TrustDomain::new("example.org").unwrap();
+    let first = stream.next().await.unwrap().unwrap();
+    assert_eq!(issuer_key(first.svids()[0].leaf().as_ref()), old_id);
+
+    let prepared: serde_json::Value = serde_json::from_str(&server.cli_ok(&[
+        "localauthority",
+        "x509",
+        "prepare",
+        "--output",
+        "json",
+    ]))
+    .unwrap();
+    let new_id = prepared["authority_id"].as_str().unwrap().to_owned();
+    server.cli_ok(&[
+        "localauthority",
+        "x509",
+        "activate",
+        "--authority-id",
+        &new_id,
+    ]);
+    // Paused, the agent replaces nothing: the SVIDs stay live.
+    let pid = agent_pid(&agent);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    server.cli_ok(&["localauthority", "x509", "taint", "--authority-id", &old_id]);
+    let refused = server.cli(&[
+        "localauthority",
+        "x509",
+        "revoke",
+        "--authority-id",
+        &old_id,
+    ]);
+    assert_eq!(refused.status.code(), Some(1), "{}", stderr(&refused));
+    let forced = server.cli_ok(&[
+        "localauthority",
+        "x509",
+        "revoke",
+        "--authority-id",
+        &old_id,
+        "--force",
+    ]);
+    assert!(
+        forced.contains(&format!("X.509 authority {old_id} revoked")),
+        "{forced}"
+    );
+    let list = show(&server);
+    assert_eq!(authority(&list, &old_id)["state"], "revoked");
+    assert_eq!(authority(&list, &old_id)["live_svids"], 2);
+    let bundle = server.bundle_pem();
+    assert_eq!(pem::parse_many(bundle.as_bytes()).unwrap().len(), 1);
+    assert!(
+        pem::parse_many(bundle.as_bytes())
+            .unwrap()
+            .iter()
+            .all(|p| p.contents() != old_der)
+    );
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let context = stream.next().await.unwrap().unwrap();
+            let bundle = context.bundle_set().get(&td).unwrap();
+            if bundle.authorities().iter().all(|c| c.as_ref() != old_der) {
+                assert_eq!(bundle.authorities().len(), 1);
+                break;
+            }
+        }
+    })
+    .await
+    .expect("the revoked authority stayed in the workload's bundle");
+
+    let audit = std::fs::read_to_string(server.data_dir.join("audit.log")).unwrap();
+    let revokes: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|e: &serde_json::Value| e["action"] == "authority.revoke")
+        .collect();
+    assert_eq!(revokes.len(), 2, "{audit}");
+    assert_ne!(revokes[0]["outcome"], "ok");
+    assert_eq!(revokes[1]["outcome"], "ok");
+    assert_eq!(revokes[1]["ids"], serde_json::json!([old_id]));
+    assert_eq!(revokes[1]["details"]["force"], true, "{audit}");
+}

@@ -65,6 +65,11 @@ impl AdminService {
         audit::record(&self.audit, caller, action, ids, result);
     }
 
+    /// Records an event built by a service served beside this one.
+    pub(crate) fn record_event(&self, event: &Event) {
+        self.audit.record(event);
+    }
+
     /// Records one event per item of a batch entry call: the entry's ID
     /// (or the requested ID of a refused item), and its outcome.
     fn audit_entries(

@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status};
 
 use super::admin::AdminService;
 use super::internal;
-use crate::audit::Caller;
+use crate::audit::{Caller, Event, Outcome};
 use crate::ca::journal::{AuthorityRecord, AuthorityState, Refusal};
 use crate::ca::live::Usage;
 use crate::ca::rotation::{Authorities, Operation, OperationError};
@@ -46,12 +46,19 @@ impl LocalAuthorityService {
         field: Option<&str>,
     ) -> Result<Response<X509Authority>, Status> {
         let named = operation_id(&operation);
+        let forced = matches!(operation, Operation::Revoke { force: true, .. });
         let result = self.apply(operation, field).await;
         let id = match &result {
             Ok(answer) => Some(answer.get_ref().authority_id.clone()),
             Err(_) => named,
         };
-        self.admin.record(caller, action, id, &result);
+        let mut event = Event::new(caller, action)
+            .ids(id)
+            .outcome(Outcome::of(&result));
+        if forced {
+            event = event.detail("force", true);
+        }
+        self.admin.record_event(&event);
         result
     }
 
