@@ -558,7 +558,7 @@ impl Registry {
 /// An agent's node selectors with the implicit `spiffe_id:<agent ID>`. An
 /// ID too long to be a selector value gets no implicit selector (no alias
 /// entry could name it either).
-fn node_selectors(agent: &AgentRecord) -> Selectors {
+pub(crate) fn node_selectors(agent: &AgentRecord) -> Selectors {
     let mut node = agent.selectors.clone();
     if let Ok(own) = Selector::new(SPIFFE_ID_SELECTOR, agent.spiffe_id.as_str()) {
         node.insert(own);

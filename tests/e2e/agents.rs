@@ -54,6 +54,25 @@ fn a_banned_agent_gets_no_new_svids_until_it_is_unbanned() {
     assert!(agents_json(server, &["--banned", "true"]).is_empty());
     assert!(agents_json(server, &["--selector", "k8s:ns:prod"]).is_empty());
     assert!(agents_json(server, &["--expires-before", "2000-01-01T00:00:00Z"]).is_empty());
+    let own_selector = format!("spiffe_id:{agent_id}");
+    let by_selector = agents_json(server, &["--selector", &own_selector]);
+    assert_eq!(by_selector.len(), 1, "{by_selector:?}");
+    assert_eq!(by_selector[0]["spiffe_id"], agent_id.as_str());
+    let by_expiry = agents_json(server, &["--expires-before", "2100-01-01T00:00:00Z"]);
+    assert_eq!(by_expiry.len(), 1, "{by_expiry:?}");
+    let bad = server.cli(&["agent", "list", "--selector", "k8s"]);
+    assert_eq!(bad.status.code(), Some(1), "{}", stderr(&bad));
+    assert_eq!(stderr(&bad), "Error: --selector \"k8s\": must be `type:value`\n");
+    let bad = server.cli(&["agent", "list", "--expires-before", "soon"]);
+    assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
+    assert!(
+        stderr(&bad).contains("invalid value 'soon' for '--expires-before"),
+        "{}",
+        stderr(&bad)
+    );
+    let human = server.cli_ok(&["agent", "list"]);
+    assert!(human.contains(agent_id.as_str()), "{human}");
+    assert!(human.contains("join_token"), "{human}");
     assert_eq!(server.cli_ok(&["agent", "count"]), "1 agent\n");
     let shown = server.cli_ok(&["agent", "show", "--spiffe-id", agent_id]);
     assert!(

@@ -387,3 +387,41 @@ fn other_trust_domains_bundles_are_set_listed_and_deleted() {
         format!("# spiffe://third.org\n{}\n", third_bundle.to_pem())
     );
 }
+
+/// `bundle show --format spiffe` is a SPIFFE bundle (TB-1, TB-2, X5-20..22):
+/// one `x509-svid` key per authority, carrying exactly that certificate in
+/// `x5c` (standard base64), with a sequence number and a refresh hint.
+#[test]
+fn the_bundle_is_shown_as_a_spiffe_bundle() {
+    use base64::Engine;
+
+    let dir = scratch();
+    let server = Server::start(dir.path());
+    let pem = server.bundle_pem();
+    let der = pem::parse(pem.as_bytes()).unwrap().into_contents();
+    let doc: serde_json::Value =
+        serde_json::from_str(&server.cli_ok(&["bundle", "show", "--format", "spiffe"])).unwrap();
+
+    let keys = doc["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 1, "{doc}");
+    assert_eq!(keys[0]["use"], "x509-svid");
+    assert_eq!(keys[0]["kty"], "EC");
+    assert_eq!(keys[0]["crv"], "P-256");
+    assert!(keys[0].get("kid").is_none(), "{doc}");
+    let x5c = keys[0]["x5c"].as_array().unwrap();
+    assert_eq!(x5c.len(), 1);
+    let cert = base64::engine::general_purpose::STANDARD
+        .decode(x5c[0].as_str().unwrap())
+        .unwrap();
+    assert_eq!(cert, der);
+    assert!(doc["spiffe_sequence"].as_u64().is_some(), "{doc}");
+    assert!(doc["spiffe_refresh_hint"].as_u64().is_some_and(|h| h > 0), "{doc}");
+
+    let bad = server.cli(&["bundle", "show", "--format", "der"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(
+        stderr(&bad).contains("invalid value 'der' for '--format <FORMAT>'"),
+        "{}",
+        stderr(&bad)
+    );
+}

@@ -247,6 +247,61 @@ fn bad_field_flags_are_refused_with_the_flag_named() {
     assert_eq!(count(&server, &[]), 0);
 }
 
+/// Updates and deletions of unknown entries, and `--data` beside
+/// `--entry-id`, are refused with the ID or flag named, and change nothing.
+#[test]
+fn unknown_ids_and_conflicting_flags_change_nothing() {
+    let dir = scratch();
+    let server = Server::start(dir.path());
+    server.create_entry(
+        "spiffe://example.org/web",
+        "spiffe://example.org/node/a",
+        &["unix:uid:1001"],
+        &[],
+    );
+    let before = server.cli_ok(&["entry", "show", "--output", "json"]);
+
+    let err = fails(
+        &server,
+        &[
+            "entry",
+            "update",
+            "--entry-id",
+            "no-such-entry",
+            "--spiffe-id",
+            "spiffe://example.org/web",
+            "--parent-id",
+            "spiffe://example.org/node/a",
+            "--selector",
+            "unix:uid:1002",
+        ],
+        1,
+    );
+    assert_eq!(err, "Error: entries[0].id: no entry \"no-such-entry\"\n");
+    let err = fails(&server, &["entry", "delete", "--entry-id", "no-such-entry"], 1);
+    assert_eq!(err, "Error: ids[0]: no entry \"no-such-entry\"\n");
+    for verb in ["update", "delete"] {
+        let err = fails(
+            &server,
+            &["entry", verb, "--data", "x.json", "--entry-id", "abc"],
+            2,
+        );
+        assert!(
+            err.contains("the argument '--data <FILE>' cannot be used with"),
+            "{verb}: {err}"
+        );
+    }
+    let err = fails(&server, &["entry", "show", "--selector", "unix"], 1);
+    assert_eq!(err, "Error: --selector \"unix\": must be `type:value`\n");
+    let err = fails(&server, &["entry", "show", "--entry-id", "no-such-entry"], 1);
+    assert_eq!(err, "Error: no entry \"no-such-entry\"\n");
+
+    assert_eq!(
+        server.cli_ok(&["entry", "show", "--output", "json"]),
+        before
+    );
+}
+
 #[test]
 fn a_data_file_batch_answers_each_entry_and_keeps_the_good_ones() {
     let dir = scratch();

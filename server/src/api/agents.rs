@@ -114,12 +114,16 @@ impl AgentFilter {
     }
 
     /// Whether `record` passes every filter; the selector filter asks for a
-    /// subset of the agent's node selectors.
+    /// subset of the agent's node selectors, the implicit
+    /// `spiffe_id:<agent ID>` included, as node aliases see them.
     pub(crate) fn matches(&self, record: &AgentRecord) -> bool {
         self.attestation_type
             .as_ref()
             .is_none_or(|t| *t == record.attestation_type)
-            && self.selectors.is_subset_of(&record.selectors)
+            && (self.selectors.is_empty()
+                || self
+                    .selectors
+                    .is_subset_of(&crate::registry::node_selectors(record)))
             && self.expires_before.is_none_or(|t| record.expires_at < t)
             && self.banned.is_none_or(|b| b == record.banned)
     }
