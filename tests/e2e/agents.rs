@@ -62,7 +62,10 @@ fn a_banned_agent_gets_no_new_svids_until_it_is_unbanned() {
     assert_eq!(by_expiry.len(), 1, "{by_expiry:?}");
     let bad = server.cli(&["agent", "list", "--selector", "k8s"]);
     assert_eq!(bad.status.code(), Some(1), "{}", stderr(&bad));
-    assert_eq!(stderr(&bad), "Error: --selector \"k8s\": must be `type:value`\n");
+    assert_eq!(
+        stderr(&bad),
+        "Error: --selector \"k8s\": must be `type:value`\n"
+    );
     let bad = server.cli(&["agent", "list", "--expires-before", "soon"]);
     assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
     assert!(

@@ -415,7 +415,10 @@ fn the_bundle_is_shown_as_a_spiffe_bundle() {
         .unwrap();
     assert_eq!(cert, der);
     assert!(doc["spiffe_sequence"].as_u64().is_some(), "{doc}");
-    assert!(doc["spiffe_refresh_hint"].as_u64().is_some_and(|h| h > 0), "{doc}");
+    assert!(
+        doc["spiffe_refresh_hint"].as_u64().is_some_and(|h| h > 0),
+        "{doc}"
+    );
 
     let bad = server.cli(&["bundle", "show", "--format", "der"]);
     assert_eq!(bad.status.code(), Some(2));

@@ -278,7 +278,11 @@ fn unknown_ids_and_conflicting_flags_change_nothing() {
         1,
     );
     assert_eq!(err, "Error: entries[0].id: no entry \"no-such-entry\"\n");
-    let err = fails(&server, &["entry", "delete", "--entry-id", "no-such-entry"], 1);
+    let err = fails(
+        &server,
+        &["entry", "delete", "--entry-id", "no-such-entry"],
+        1,
+    );
     assert_eq!(err, "Error: ids[0]: no entry \"no-such-entry\"\n");
     for verb in ["update", "delete"] {
         let err = fails(
@@ -293,7 +297,11 @@ fn unknown_ids_and_conflicting_flags_change_nothing() {
     }
     let err = fails(&server, &["entry", "show", "--selector", "unix"], 1);
     assert_eq!(err, "Error: --selector \"unix\": must be `type:value`\n");
-    let err = fails(&server, &["entry", "show", "--entry-id", "no-such-entry"], 1);
+    let err = fails(
+        &server,
+        &["entry", "show", "--entry-id", "no-such-entry"],
+        1,
+    );
     assert_eq!(err, "Error: no entry \"no-such-entry\"\n");
 
     assert_eq!(
