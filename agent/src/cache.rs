@@ -2,17 +2,19 @@
 //! Workload API serves.
 //!
 //! The manager replaces the whole [`Snapshot`] on every change (an SVID
-//! rotated, an entry added or removed, a new bundle) through a
+//! rotated, an entry added or removed, a new bundle or set of federated
+//! bundles) through a
 //! `tokio::sync::watch` channel; each Workload API stream waits on that
 //! channel and sends its caller the part it is entitled to.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use rustls_pki_types::CertificateDer;
-use sigil::Entry;
 use sigil::bundle::X509Bundle;
 use sigil::keys::PrivateKey;
+use sigil::{Entry, TrustDomain};
 use tokio::sync::watch;
 
 /// Everything the Workload API serves, at one moment.
@@ -22,6 +24,9 @@ pub(crate) struct Snapshot {
     pub bundle: Arc<X509Bundle>,
     /// The bundle as concatenated DER, computed once per bundle change.
     pub bundle_der: Arc<Vec<u8>>,
+    /// The bundles of other trust domains that the agent's entries
+    /// federate with.
+    pub federated: Arc<FederatedBundles>,
     /// Every entry the agent holds, with its current SVID once one has been
     /// issued, in a stable order (by creation time, then ID) so that a
     /// workload's default identity does not change between updates.
@@ -29,6 +34,10 @@ pub(crate) struct Snapshot {
     /// Increases on every change.
     pub version: u64,
 }
+
+/// Other trust domains' bundles as concatenated DER (never empty, never the
+/// agent's own trust domain).
+pub(crate) type FederatedBundles = BTreeMap<TrustDomain, Arc<Vec<u8>>>;
 
 /// One entry and its current X.509-SVID.
 #[derive(Debug)]

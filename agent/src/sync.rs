@@ -12,16 +12,24 @@
 //! stream and whenever they change: the manager replaces the workload SVIDs
 //! they signed, and an agent SVID they signed is renewed early (after a
 //! delay drawn like the workload SVIDs' replacements).
+//!
+//! The server sends the full set of federated bundles (those of the trust
+//! domains the agent's entries federate with) in the first message of each
+//! stream and whenever it changes; the manager serves it to workloads. A
+//! bundle that fails its checks is left out of the set, with a warning.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sigil::proto::sigil::agent::v1::{KnownEntry, SyncEntriesRequest, SyncEntriesResponse};
+use sigil::proto::sigil::agent::v1::{
+    FederatedBundles as WireFederatedBundles, KnownEntry, SyncEntriesRequest, SyncEntriesResponse,
+};
 use sigil::tls::TrustStore;
 use sigil::{Entry, TrustDomain};
 use tokio::sync::{Notify, mpsc, oneshot};
 
+use crate::cache::FederatedBundles;
 use crate::client::{self, AgentChannel};
 use crate::manager::Update;
 use crate::node::{self, Storage};
@@ -49,6 +57,8 @@ pub(crate) struct EntrySync {
     known: HashMap<String, u64>,
     /// The sequence number of the bundle last applied.
     bundle_sequence: Option<u64>,
+    /// The federated bundles last handed to the manager.
+    federated: FederatedBundles,
 }
 
 impl EntrySync {
@@ -74,6 +84,7 @@ impl EntrySync {
             first_applied: Some(first_applied),
             known: HashMap::new(),
             bundle_sequence: None,
+            federated: FederatedBundles::new(),
         }
     }
 
@@ -181,11 +192,16 @@ impl EntrySync {
         if let Some(wire) = &message.bundle {
             self.apply_bundle(wire, &mut update);
         }
+        if let Some(wire) = &message.federated_bundles {
+            self.federated = federated_bundles(wire, &self.td, &self.federated);
+            update.federated = Some(self.federated.clone());
+        }
         update.applied = self.first_applied.take();
         tracing::debug!(
             upserted = update.upserted.len(),
             deleted = update.deleted.len(),
             bundle = update.bundle.is_some(),
+            federated_bundles = update.federated.as_ref().map(FederatedBundles::len),
             "entry sync message"
         );
         self.updates
@@ -272,4 +288,96 @@ fn check_entry(
         return Err("id: is required".into());
     }
     Entry::from_proto(wire, td).map_err(|e| e.to_string())
+}
+
+/// The federated bundles of a message, keyed by trust domain, as
+/// concatenated DER. A bundle for an invalid or the agent's own (`td`) trust
+/// domain, a repeated trust domain, and a bundle that fails
+/// [`node::bundle_from_proto`] are left out and logged. A bundle equal to
+/// one in `previous` keeps its allocation, so that workloads' streams see
+/// it unchanged.
+fn federated_bundles(
+    wire: &WireFederatedBundles,
+    td: &TrustDomain,
+    previous: &FederatedBundles,
+) -> FederatedBundles {
+    let mut bundles = FederatedBundles::new();
+    for (i, bundle) in wire.bundles.iter().enumerate() {
+        let checked = TrustDomain::new(&bundle.trust_domain)
+            .map_err(|e| format!("trust domain {:?}: {e}", bundle.trust_domain))
+            .and_then(|other| {
+                if other == *td {
+                    Err(format!("{other} is the agent's own trust domain"))
+                } else if bundles.contains_key(&other) {
+                    Err(format!("a second bundle for {other}"))
+                } else {
+                    Ok(other)
+                }
+            })
+            .and_then(|other| Ok((node::bundle_from_proto(bundle, &other)?, other)));
+        let (parsed, other) = match checked {
+            Ok(checked) => checked,
+            Err(error) => {
+                tracing::warn!(index = i, error = %error, "ignoring an invalid federated bundle from the server");
+                continue;
+            }
+        };
+        let der = parsed.to_concatenated_der();
+        let der = match previous.get(&other) {
+            Some(same) if **same == der => Arc::clone(same),
+            _ => Arc::new(der),
+        };
+        bundles.insert(other, der);
+    }
+    bundles
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use sigil::proto::sigil::types::v1 as pb;
+    use sigil::x509::Authority;
+
+    use super::*;
+
+    fn wire(name: &str, authorities: Vec<Vec<u8>>) -> pb::Bundle {
+        pb::Bundle {
+            trust_domain: name.into(),
+            x509_authorities: authorities,
+            sequence: 1,
+        }
+    }
+
+    fn ca_of(name: &str) -> Vec<u8> {
+        let td = TrustDomain::new(name).unwrap();
+        Authority::self_signed(&td, Duration::from_secs(3600))
+            .unwrap()
+            .cert()
+            .to_vec()
+    }
+
+    #[test]
+    fn invalid_federated_bundles_are_left_out_and_equal_ones_keep_their_allocation() {
+        let own = TrustDomain::new("example.org").unwrap();
+        let other = ca_of("other.org");
+        let message = WireFederatedBundles {
+            bundles: vec![
+                wire("other.org", vec![other.clone()]),
+                wire("example.org", vec![ca_of("example.org")]),
+                wire("Bad!", vec![ca_of("bad.org")]),
+                wire("empty.org", Vec::new()),
+                wire("junk.org", vec![b"junk".to_vec()]),
+                wire("other.org", vec![ca_of("other.org")]),
+            ],
+        };
+        let first = federated_bundles(&message, &own, &FederatedBundles::new());
+        let names: Vec<&str> = first.keys().map(TrustDomain::name).collect();
+        assert_eq!(names, ["other.org"]);
+        assert_eq!(*first[&TrustDomain::new("other.org").unwrap()], other);
+
+        let again = federated_bundles(&message, &own, &first);
+        let key = TrustDomain::new("other.org").unwrap();
+        assert!(Arc::ptr_eq(&first[&key], &again[&key]));
+    }
 }

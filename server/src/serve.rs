@@ -31,6 +31,7 @@ use crate::api::Services;
 use crate::api::admin::AdminService;
 use crate::api::admin::access::{Gate, Transport};
 use crate::api::agent::AgentService;
+use crate::api::federation::FederatedBundles;
 use crate::api::localauthority::LocalAuthorityService;
 use crate::attest::NodeAttestors;
 use crate::audit::AuditLog;
@@ -138,6 +139,9 @@ pub(crate) async fn start(config: &Config) -> anyhow::Result<Running> {
         rotation::max_svid_ttl(config.ca_ttl),
     );
     let tokens = Arc::new(JoinTokens::new(td, Arc::clone(&store)));
+    let federated = FederatedBundles::load(&*store)
+        .await
+        .context("loading the federated bundles")?;
     let (trigger, shutdown) = shutdown::channel();
 
     let published = ca.current();
@@ -159,6 +163,7 @@ pub(crate) async fn start(config: &Config) -> anyhow::Result<Running> {
         shutdown: shutdown.clone(),
         agents: Default::default(),
         svids,
+        federated,
     });
 
     let tcp = TcpListener::bind(config.bind_address)

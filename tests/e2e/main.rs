@@ -28,6 +28,7 @@ mod agents;
 mod aliases;
 mod ca_rotation;
 mod ca_rotation_mtls;
+mod federation;
 mod interop;
 mod issuance;
 mod mtls;

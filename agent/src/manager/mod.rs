@@ -10,7 +10,8 @@
 //! - A failed batch is retried with backoff (1 s doubling to 30 s); an SVID
 //!   that expires meanwhile leaves the snapshot at its notAfter.
 //! - Entry changes arrive as [`Update`]s from the entry sync; a removed entry
-//!   leaves the snapshot at once.
+//!   leaves the snapshot at once. So do new bundles and new sets of
+//!   federated bundles, which go into the snapshot as they are.
 //! - An SVID signed by a tainted authority (one whose subject key identifier
 //!   the server lists) is replaced early, at a time drawn over a short
 //!   window (see [`taint`]).
@@ -39,7 +40,7 @@ use tokio::time::Instant;
 pub(crate) use clock::{Clock, SystemClock};
 pub(crate) use signer::{BatchSigner, CsrItem, GrpcSigner, IssuedItem};
 
-use crate::cache::{Identity, Snapshot, SnapshotReceiver, SnapshotSender, Svid};
+use crate::cache::{FederatedBundles, Identity, Snapshot, SnapshotReceiver, SnapshotSender, Svid};
 use crate::retry::{Backoff, RepeatedErrors, Report};
 
 /// Most CSRs in one `BatchNewX509Svid` call (the server's limit).
@@ -64,6 +65,8 @@ pub(crate) struct Update {
     pub(crate) deleted: Vec<String>,
     /// A new trust bundle.
     pub(crate) bundle: Option<X509Bundle>,
+    /// The full set of federated bundles, when the server sent it.
+    pub(crate) federated: Option<FederatedBundles>,
     /// The subject key identifiers of the tainted authorities, when the
     /// server sent them.
     pub(crate) tainted: Option<HashSet<Vec<u8>>>,
@@ -143,6 +146,7 @@ pub(crate) struct Manager<S, C> {
     bundle_der: Arc<Vec<u8>>,
     /// The subject key identifiers of the bundle's authorities.
     bundle_keys: HashSet<Vec<u8>>,
+    federated: Arc<FederatedBundles>,
     entries: HashMap<String, Tracked>,
     version: u64,
     dirty: bool,
@@ -160,9 +164,11 @@ impl<S: BatchSigner, C: Clock> Manager<S, C> {
         let bundle_der = Arc::new(bundle.to_concatenated_der());
         let bundle_keys = taint::subject_key_ids(&bundle);
         let bundle = Arc::new(bundle);
+        let federated = Arc::new(FederatedBundles::new());
         let (tx, _) = watch::channel(Arc::new(Snapshot {
             bundle: Arc::clone(&bundle),
             bundle_der: Arc::clone(&bundle_der),
+            federated: Arc::clone(&federated),
             identities: Vec::new(),
             version: 0,
         }));
@@ -175,6 +181,7 @@ impl<S: BatchSigner, C: Clock> Manager<S, C> {
             bundle,
             bundle_der,
             bundle_keys,
+            federated,
             entries: HashMap::new(),
             version: 0,
             dirty: false,
@@ -244,6 +251,12 @@ impl<S: BatchSigner, C: Clock> Manager<S, C> {
             self.bundle = Arc::new(bundle);
             self.dirty = true;
             self.release_held(self.clock.now());
+        }
+        if let Some(federated) = update.federated
+            && federated != *self.federated
+        {
+            self.federated = Arc::new(federated);
+            self.dirty = true;
         }
         for id in update.deleted {
             if let Some(gone) = self.entries.remove(&id) {
@@ -589,6 +602,7 @@ impl<S: BatchSigner, C: Clock> Manager<S, C> {
         let snapshot = Arc::new(Snapshot {
             bundle: Arc::clone(&self.bundle),
             bundle_der: Arc::clone(&self.bundle_der),
+            federated: Arc::clone(&self.federated),
             identities,
             version: self.version,
         });

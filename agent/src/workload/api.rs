@@ -14,17 +14,22 @@
 //! - a caller with no identity gets `PERMISSION_DENIED` `no identity issued`
 //!   (WA-8, RS-7), also when its identities disappear later (WA-14); one
 //!   whose entries have no SVID yet waits up to [`PENDING_WAIT`] first;
+//! - `FetchX509SVID` carries in `federated_bundles` the bundles of the trust
+//!   domains that the entries of the caller's SVIDs federate with, keyed
+//!   `spiffe://<trust domain>` (WA-22), never the agent's own (WA-23);
+//!   `FetchX509Bundles` carries the agent's bundle and those; a trust domain
+//!   whose bundle is deleted or no longer federated with is left out
+//!   (WA-18, FE-9);
 //! - no message ever has an empty `svids` or a zero-length bundle (WA-24),
 //!   and no stream ends with OK (WA-19): shutdown ends it with
 //!   `UNAVAILABLE`;
 //! - JWT-SVIDs and WIT-SVIDs are not supported: `UNIMPLEMENTED` (WA-4).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use sigil::Selectors;
 use sigil::proto::workload::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
 };
@@ -34,6 +39,7 @@ use sigil::proto::workload::{
     WitsvidResponse, X509BundlesRequest, X509BundlesResponse, X509svid, X509svidRequest,
     X509svidResponse,
 };
+use sigil::{Selectors, TrustDomain};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_stream::Stream;
@@ -339,11 +345,14 @@ async fn sleep_until(deadline: Option<Instant>) {
 struct Served<'a> {
     svids: Vec<(&'a Arc<Svid>, &'a str)>,
     matched: bool,
+    /// The trust domains the entries of `svids` federate with.
+    federates_with: BTreeSet<&'a TrustDomain>,
 }
 
 fn served<'a>(snapshot: &'a Snapshot, selectors: &Selectors) -> Served<'a> {
     let mut svids: Vec<(&Arc<Svid>, &str)> = Vec::new();
     let mut matched = false;
+    let mut federates_with = BTreeSet::new();
     for identity in &snapshot.identities {
         if !identity.entry.selectors.is_subset_of(selectors) {
             continue;
@@ -355,17 +364,50 @@ fn served<'a>(snapshot: &'a Snapshot, selectors: &Selectors) -> Served<'a> {
         let hint = identity.entry.hint.as_str();
         let used = !hint.is_empty() && svids.iter().any(|(_, h)| *h == hint);
         svids.push((svid, if used { "" } else { hint }));
+        federates_with.extend(&identity.entry.federates_with);
     }
-    Served { svids, matched }
+    Served {
+        svids,
+        matched,
+        federates_with,
+    }
+}
+
+/// The federated bundles a caller gets: those of `served`'s trust domains
+/// that the snapshot holds, never the agent's own trust domain and never a
+/// zero-length one (WA-23, WA-24), ordered by trust domain.
+type Federated = Vec<(TrustDomain, Arc<Vec<u8>>)>;
+
+fn federated(snapshot: &Snapshot, served: &Served<'_>) -> Federated {
+    let own = snapshot.bundle.trust_domain();
+    served
+        .federates_with
+        .iter()
+        .filter(|td| **td != own)
+        .filter_map(|td| {
+            let der = snapshot.federated.get(*td)?;
+            (!der.is_empty()).then(|| (TrustDomain::clone(td), Arc::clone(der)))
+        })
+        .collect()
+}
+
+/// The Workload API's map of federated bundles: keys in the trust domain's
+/// SPIFFE ID form (WA-22).
+fn federated_map(federated: &Federated) -> HashMap<String, Vec<u8>> {
+    federated
+        .iter()
+        .map(|(td, der)| (td.id_string(), der.to_vec()))
+        .collect()
 }
 
 /// What the caller's X.509-SVID response holds: the SVIDs (compared by
-/// identity: a rotated SVID is a new `Arc`) with their hints, and the
-/// bundle. Equal keys make equal responses.
+/// identity: a rotated SVID is a new `Arc`) with their hints, the bundle and
+/// the federated bundles. Equal keys make equal responses.
 #[derive(Debug, Clone)]
 struct X509SvidKey {
     svids: Vec<(Arc<Svid>, String)>,
     bundle: Arc<Vec<u8>>,
+    federated: Federated,
 }
 
 impl PartialEq for X509SvidKey {
@@ -377,6 +419,7 @@ impl PartialEq for X509SvidKey {
                 .zip(&other.svids)
                 .all(|((a, ha), (b, hb))| Arc::ptr_eq(a, b) && ha == hb)
             && self.bundle == other.bundle
+            && self.federated == other.federated
     }
 }
 
@@ -450,6 +493,7 @@ impl Feed for X509SvidFeed {
         } else if served.svids.is_empty() || snapshot.bundle_der.is_empty() {
             View::Pending
         } else {
+            let federated = federated(snapshot, &served);
             View::Ready(X509SvidKey {
                 svids: served
                     .svids
@@ -457,6 +501,7 @@ impl Feed for X509SvidFeed {
                     .map(|(svid, hint)| (Arc::clone(svid), hint.to_owned()))
                     .collect(),
                 bundle: Arc::clone(&snapshot.bundle_der),
+                federated,
             })
         }
     }
@@ -470,7 +515,9 @@ impl Feed for X509SvidFeed {
 impl X509SvidFeed {
     /// The response for `snapshot`, built anew.
     fn build_new(&self, snapshot: &Snapshot) -> X509svidResponse {
-        let svids = served(snapshot, &self.selectors)
+        let served = served(snapshot, &self.selectors);
+        let federated_bundles = federated_map(&federated(snapshot, &served));
+        let svids = served
             .svids
             .into_iter()
             .map(|(svid, hint)| X509svid {
@@ -484,7 +531,7 @@ impl X509SvidFeed {
         X509svidResponse {
             svids,
             crl: Vec::new(),
-            federated_bundles: HashMap::new(),
+            federated_bundles,
         }
     }
 }
@@ -505,25 +552,31 @@ struct X509BundlesFeed {
 }
 
 impl Feed for X509BundlesFeed {
-    type Key = Arc<Vec<u8>>;
+    /// The agent's bundle and the federated bundles.
+    type Key = (Arc<Vec<u8>>, Federated);
     type Response = X509BundlesResponse;
 
-    fn view(&self, snapshot: &Snapshot) -> View<Arc<Vec<u8>>> {
+    fn view(&self, snapshot: &Snapshot) -> View<Self::Key> {
         let served = served(snapshot, &self.selectors);
         if !served.matched {
             View::Denied
         } else if served.svids.is_empty() || snapshot.bundle_der.is_empty() {
             View::Pending
         } else {
-            View::Ready(Arc::clone(&snapshot.bundle_der))
+            View::Ready((
+                Arc::clone(&snapshot.bundle_der),
+                federated(snapshot, &served),
+            ))
         }
     }
 
-    fn build(&self, snapshot: &Snapshot, _key: &Arc<Vec<u8>>) -> X509BundlesResponse {
+    fn build(&self, snapshot: &Snapshot, (own, federated): &Self::Key) -> X509BundlesResponse {
+        let mut bundles = federated_map(federated);
         let td = snapshot.bundle.trust_domain().id_string();
+        bundles.insert(td, own.to_vec());
         X509BundlesResponse {
             crl: Vec::new(),
-            bundles: HashMap::from([(td, snapshot.bundle_der.to_vec())]),
+            bundles,
         }
     }
 }
@@ -532,7 +585,10 @@ impl Feed for X509BundlesFeed {
 mod tests {
     use tokio_stream::StreamExt;
 
+    use futures::FutureExt;
+
     use super::*;
+    use crate::cache::Identity;
     use crate::workload::tests::{Ca, own_selectors};
 
     #[tokio::test(start_paused = true)]
@@ -702,6 +758,147 @@ mod tests {
         // for it.
         assert_eq!(b.build(&first, &ready(&b, &first)), from_b);
         assert_eq!(cached(), 1);
+    }
+
+    /// `snapshot` with `federated` as its federated bundles.
+    fn federating(
+        snapshot: &Snapshot,
+        federated: &[(&str, &Arc<Vec<u8>>)],
+        version: u64,
+    ) -> Arc<Snapshot> {
+        Arc::new(Snapshot {
+            federated: Arc::new(
+                federated
+                    .iter()
+                    .map(|(name, der)| (TrustDomain::new(name).unwrap(), Arc::clone(der)))
+                    .collect(),
+            ),
+            version,
+            ..snapshot.clone()
+        })
+    }
+
+    /// An identity of `ca` for the caller, whose entry federates with
+    /// `names`.
+    fn federating_identity(
+        ca: &Ca,
+        path: &str,
+        selectors: &Selectors,
+        names: &[&str],
+    ) -> Arc<Identity> {
+        let mut entry = ca.entry(path, selectors, "");
+        entry.federates_with = names.iter().map(|n| TrustDomain::new(n).unwrap()).collect();
+        Arc::new(Identity {
+            entry,
+            svid: Some(ca.svid(path)),
+        })
+    }
+
+    fn foreign_ca(name: &str) -> Arc<Vec<u8>> {
+        let td = TrustDomain::new(name).unwrap();
+        let ca = sigil::x509::Authority::self_signed(&td, Duration::from_secs(3600)).unwrap();
+        Arc::new(ca.cert().to_vec())
+    }
+
+    fn keys<V>(map: &HashMap<String, V>) -> Vec<&str> {
+        let mut keys: Vec<&str> = map.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        keys
+    }
+
+    #[tokio::test]
+    async fn callers_get_the_bundles_their_entries_federate_with_and_lose_removed_ones() {
+        let ca = Ca::new();
+        let mine = own_selectors();
+        let other = crate::workload::tests::uid_selectors(u32::MAX - 7);
+        let (one, two, third, own) = (
+            foreign_ca("one.org"),
+            foreign_ca("two.org"),
+            foreign_ca("third.org"),
+            foreign_ca("example.org"),
+        );
+        let empty = Arc::new(Vec::new());
+        let base = ca.snapshot(
+            vec![
+                // The agent's own trust domain and a trust domain with a
+                // zero-length bundle are never sent.
+                federating_identity(&ca, "/web", &mine, &["example.org", "empty.org", "one.org"]),
+                federating_identity(&ca, "/api", &mine, &["two.org"]),
+                federating_identity(&ca, "/db", &other, &["third.org"]),
+            ],
+            1,
+        );
+        let all = [
+            ("one.org", &one),
+            ("two.org", &two),
+            ("third.org", &third),
+            ("example.org", &own),
+            ("empty.org", &empty),
+        ];
+        let (tx, rx) = watch::channel(federating(&base, &all, 1));
+        let (_stop_tx, stop_rx) = watch::channel(false);
+        let svid_feed = X509SvidFeed {
+            selectors: mine.clone(),
+            responses: Arc::default(),
+        };
+        let bundles_feed = X509BundlesFeed { selectors: mine };
+        let mut svids = Box::pin(drive(svid_feed, rx.clone(), stop_rx.clone()));
+        let mut bundles = Box::pin(drive(bundles_feed, rx, stop_rx));
+
+        let first = svids.next().await.unwrap().unwrap();
+        assert_eq!(
+            keys(&first.federated_bundles),
+            ["spiffe://one.org", "spiffe://two.org"]
+        );
+        assert_eq!(first.federated_bundles["spiffe://one.org"], *one);
+        assert_eq!(first.federated_bundles["spiffe://two.org"], *two);
+        assert_eq!(first.svids[0].bundle, ca.authority.cert().to_vec());
+        let first = bundles.next().await.unwrap().unwrap();
+        assert_eq!(
+            keys(&first.bundles),
+            [
+                "spiffe://example.org",
+                "spiffe://one.org",
+                "spiffe://two.org"
+            ]
+        );
+        assert_eq!(
+            first.bundles["spiffe://example.org"],
+            ca.authority.cert().to_vec()
+        );
+        assert_eq!(first.bundles["spiffe://one.org"], *one);
+
+        // one.org's bundle is deleted: the next messages lack its key.
+        let without_one = [
+            ("two.org", &two),
+            ("third.org", &third),
+            ("example.org", &own),
+        ];
+        tx.send_replace(federating(&base, &without_one, 2));
+        let next = svids.next().await.unwrap().unwrap();
+        assert_eq!(keys(&next.federated_bundles), ["spiffe://two.org"]);
+        let next = bundles.next().await.unwrap().unwrap();
+        assert_eq!(
+            keys(&next.bundles),
+            ["spiffe://example.org", "spiffe://two.org"]
+        );
+
+        // A bundle the caller does not federate with changes: nothing is
+        // sent. two.org's new bundle is.
+        let third_renewed = foreign_ca("third.org");
+        tx.send_replace(federating(
+            &base,
+            &[("two.org", &two), ("third.org", &third_renewed)],
+            3,
+        ));
+        assert!(svids.next().now_or_never().is_none());
+        assert!(bundles.next().now_or_never().is_none());
+        let renewed = foreign_ca("two.org");
+        tx.send_replace(federating(&base, &[("two.org", &renewed)], 4));
+        let next = svids.next().await.unwrap().unwrap();
+        assert_eq!(next.federated_bundles["spiffe://two.org"], *renewed);
+        let next = bundles.next().await.unwrap().unwrap();
+        assert_eq!(next.bundles["spiffe://two.org"], *renewed);
     }
 
     #[test]

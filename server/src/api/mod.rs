@@ -4,7 +4,7 @@
 pub(crate) mod admin;
 pub(crate) mod agent;
 pub(crate) mod agents;
-mod federation;
+pub(crate) mod federation;
 mod issue;
 pub(crate) mod localauthority;
 mod mint;
@@ -42,6 +42,8 @@ pub(crate) struct Services {
     pub(crate) agents: agents::AgentGate,
     /// The live SVIDs each authority signed, and on which agents.
     pub(crate) svids: Arc<crate::ca::live::LiveSvids>,
+    /// Other trust domains' bundles.
+    pub(crate) federated: federation::FederatedBundles,
 }
 
 /// An INTERNAL status for a server-side failure, which is logged.

@@ -1,16 +1,19 @@
 //! `SyncEntries`: the entries an agent is entitled to, first as a diff
 //! against what the agent holds, then as a diff each time they change; the
-//! bundle first and then each time it changes.
+//! bundle first and then each time it changes; the federated bundles its
+//! entries federate with (and no other) first and then each time that set
+//! changes.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use sigil::proto::sigil::agent::v1::{KnownEntry, SyncEntriesResponse};
+use sigil::proto::sigil::agent::v1::{FederatedBundles, KnownEntry, SyncEntriesResponse};
+use sigil::proto::sigil::types::v1 as pb;
 use sigil::{Entry, SpiffeId};
 use tonic::Status;
 
 use super::agent::SyncStream;
-use super::{Services, agents};
+use super::{Services, agents, federation};
 use crate::store::AgentRecord;
 
 /// Most known entries an agent may report.
@@ -50,7 +53,27 @@ pub(crate) fn diff(held: &Revisions, entitled: &[Arc<Entry>]) -> SyncEntriesResp
         deleted,
         bundle: None,
         tainted_authority_keys: Vec::new(),
+        federated_bundles: None,
     }
+}
+
+/// The federated bundles for `entitled`, if they differ from `sent`
+/// (which then holds them).
+fn federated_update(
+    bundles: &federation::BundleMap,
+    entitled: &[Arc<Entry>],
+    sent: &mut Option<Vec<pb::Bundle>>,
+) -> Option<FederatedBundles> {
+    let relevant = federation::relevant(bundles, entitled);
+    let unchanged = sent.as_ref().is_some_and(|sent| {
+        sent.len() == relevant.len() && sent.iter().zip(&relevant).all(|(a, b)| a == *b)
+    });
+    if unchanged {
+        return None;
+    }
+    let now: Vec<pb::Bundle> = relevant.into_iter().cloned().collect();
+    *sent = Some(now.clone());
+    Some(FederatedBundles { bundles: now })
 }
 
 fn revisions(entitled: &[Arc<Entry>]) -> Revisions {
@@ -79,10 +102,13 @@ pub(crate) fn stream(
 ) -> SyncStream {
     let mut changes = services.registry.subscribe();
     let mut bundle_changes = services.ca.subscribe();
+    let mut federated_changes = services.federated.subscribe();
     let mut shutdown = services.shutdown.clone();
     Box::pin(async_stream::stream! {
         changes.borrow_and_update();
         bundle_changes.borrow_and_update();
+        let mut federated = Arc::clone(&federated_changes.borrow_and_update());
+        let mut sent_federated = None;
         agent_changes.borrow_and_update();
         let mut record = match current_record(&services, &agent).await {
             Ok(record) => record,
@@ -98,6 +124,7 @@ pub(crate) fn stream(
         first.bundle = Some(bundle);
         let mut sent_tainted = services.ca.current().tainted.clone();
         first.tainted_authority_keys = sent_tainted.clone();
+        first.federated_bundles = federated_update(&federated, &entitled, &mut sent_federated);
         let mut held = revisions(&entitled);
         tracing::debug!(
             agent.id = %agent,
@@ -131,6 +158,12 @@ pub(crate) fn stream(
                         break shutting_down();
                     }
                 }
+                changed = federated_changes.changed() => {
+                    if changed.is_err() {
+                        break shutting_down();
+                    }
+                    federated = Arc::clone(&federated_changes.borrow_and_update());
+                }
                 () = shutdown.wait() => break shutting_down(),
             }
             let entitled = services.registry.entitled(&record);
@@ -145,10 +178,12 @@ pub(crate) fn stream(
                 sent_tainted.clone_from(tainted);
                 update.tainted_authority_keys.clone_from(tainted);
             }
+            update.federated_bundles = federated_update(&federated, &entitled, &mut sent_federated);
             if update.upserted.is_empty()
                 && update.deleted.is_empty()
                 && update.bundle.is_none()
                 && update.tainted_authority_keys.is_empty()
+                && update.federated_bundles.is_none()
             {
                 continue;
             }
@@ -158,6 +193,7 @@ pub(crate) fn stream(
                 upserted = update.upserted.len(),
                 deleted = update.deleted.len(),
                 bundle.sequence = update.bundle.as_ref().map(|b| b.sequence),
+                federated_bundles = update.federated_bundles.as_ref().map(|f| f.bundles.len()),
                 "entry sync: changes sent"
             );
             yield Ok(update);
@@ -280,6 +316,7 @@ mod tests {
             shutdown,
             agents: Default::default(),
             svids: Default::default(),
+            federated: Default::default(),
         });
         (services, dir, stop)
     }
@@ -421,6 +458,129 @@ mod tests {
         let bundle = update.bundle.unwrap();
         assert_eq!(bundle.sequence, 3);
         assert_eq!(bundle.x509_authorities, [second.cert().to_vec()]);
+    }
+
+    /// A bundle of `name` with one fresh authority.
+    fn foreign_bundle(name: &str) -> pb::Bundle {
+        let td = TrustDomain::new(name).unwrap();
+        let ca =
+            sigil::x509::Authority::self_signed(&td, std::time::Duration::from_secs(3600)).unwrap();
+        pb::Bundle {
+            trust_domain: name.into(),
+            x509_authorities: vec![ca.cert().to_vec()],
+            sequence: 1,
+        }
+    }
+
+    /// The trust domains of the federated bundles a message carries, if it
+    /// carries the set.
+    fn federated_names(message: &SyncEntriesResponse) -> Option<Vec<&str>> {
+        message
+            .federated_bundles
+            .as_ref()
+            .map(|f| f.bundles.iter().map(|b| b.trust_domain.as_str()).collect())
+    }
+
+    #[tokio::test]
+    async fn only_the_bundles_the_agents_entries_federate_with_are_sent_and_pushed() {
+        use futures::StreamExt;
+
+        let td = TrustDomain::new("example.org").unwrap();
+        let ttl = std::time::Duration::from_secs(3600);
+        let authority = Arc::new(sigil::x509::Authority::self_signed(&td, ttl).unwrap());
+        let ca = Arc::new(Ca::new(published(&[&authority], 1), ttl));
+        let (services, _dir, _stop) = services(ca).await;
+        let agent: SpiffeId = "spiffe://example.org/agent".parse().unwrap();
+        services.store.put_agent(&attested(&agent)).await.unwrap();
+        let one = foreign_bundle("one.org");
+        federation::set(&services, Some(one.clone())).await.unwrap();
+        federation::set(&services, Some(foreign_bundle("two.org")))
+            .await
+            .unwrap();
+        let wire = |spiffe_id: &str, parent_id: &str, federates_with: &[&str]| pb::Entry {
+            spiffe_id: spiffe_id.into(),
+            parent_id: parent_id.into(),
+            selectors: vec![pb::Selector {
+                r#type: "unix".into(),
+                value: "uid:1".into(),
+            }],
+            federates_with: federates_with.iter().map(|&n| n.into()).collect(),
+            ..Default::default()
+        };
+        // The agent's entry federates with one.org and with four.org, which
+        // has no bundle yet; another agent's entry federates with two.org.
+        let mine = services
+            .registry
+            .create(&[
+                wire(
+                    "spiffe://example.org/web",
+                    "spiffe://example.org/agent",
+                    &["four.org", "one.org"],
+                ),
+                wire(
+                    "spiffe://example.org/db",
+                    "spiffe://example.org/other-agent",
+                    &["two.org"],
+                ),
+            ])
+            .await
+            .remove(0)
+            .unwrap();
+        let changes = services.agents.changes.subscribe();
+        let mut sync = stream(Arc::clone(&services), agent, Revisions::new(), changes);
+
+        let initial = sync.next().await.unwrap().unwrap();
+        assert_eq!(upserted_ids(&initial), [mine.id.as_str()]);
+        let sent = initial.federated_bundles.unwrap().bundles;
+        assert_eq!(sent, [one]);
+
+        // A bundle no entry of the agent federates with sends nothing; the
+        // next message is the new one.org bundle.
+        federation::set(&services, Some(foreign_bundle("three.org")))
+            .await
+            .unwrap();
+        let renewed = foreign_bundle("one.org");
+        federation::set(&services, Some(renewed.clone()))
+            .await
+            .unwrap();
+        let update = sync.next().await.unwrap().unwrap();
+        assert!(update.upserted.is_empty() && update.deleted.is_empty());
+        assert!(update.bundle.is_none());
+        assert_eq!(update.federated_bundles.unwrap().bundles, [renewed]);
+
+        // four.org's bundle arrives: the full set is sent again.
+        federation::set(&services, Some(foreign_bundle("four.org")))
+            .await
+            .unwrap();
+        let update = sync.next().await.unwrap().unwrap();
+        assert_eq!(federated_names(&update), Some(vec!["four.org", "one.org"]));
+
+        // Deleting one.org's bundle removes it from the set.
+        federation::delete(&services, "one.org").await.unwrap();
+        let update = sync.next().await.unwrap().unwrap();
+        assert_eq!(federated_names(&update), Some(vec!["four.org"]));
+
+        // The entry stops federating: the set is sent, now empty, with the
+        // entry.
+        let mut changed = mine.to_proto();
+        changed.federates_with.clear();
+        services
+            .registry
+            .update(&[changed])
+            .await
+            .remove(0)
+            .unwrap();
+        let update = sync.next().await.unwrap().unwrap();
+        assert_eq!(upserted_ids(&update), [mine.id.as_str()]);
+        assert_eq!(federated_names(&update), Some(vec![]));
+
+        // An entry change that leaves the set alone does not send it.
+        let mut hinted = services.registry.get(&mine.id).unwrap().to_proto();
+        hinted.hint = "web".into();
+        services.registry.update(&[hinted]).await.remove(0).unwrap();
+        let update = sync.next().await.unwrap().unwrap();
+        assert_eq!(upserted_ids(&update), [mine.id.as_str()]);
+        assert!(update.federated_bundles.is_none());
     }
 
     #[test]

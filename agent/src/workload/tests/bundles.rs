@@ -37,6 +37,7 @@ async fn bundles_are_keyed_by_trust_domain_id_and_pushed_on_change() {
     server.publish(Arc::new(Snapshot {
         bundle_der: Arc::new(two.to_concatenated_der()),
         bundle: Arc::new(two.clone()),
+        federated: Arc::default(),
         identities: vec![identity],
         version: 3,
     }));

@@ -127,6 +127,7 @@ fn snapshot_with_bundle(
     Arc::new(Snapshot {
         bundle_der: Arc::new(bundle.to_concatenated_der()),
         bundle: Arc::new(bundle),
+        federated: Arc::default(),
         identities,
         version,
     })
