@@ -46,6 +46,51 @@ fn issuer_key(der: &[u8]) -> String {
         .unwrap()
 }
 
+/// Prepares the next authority and activates it; returns its ID.
+fn prepare_and_activate(server: &Server) -> String {
+    let prepared: serde_json::Value = serde_json::from_str(&server.cli_ok(&[
+        "localauthority",
+        "x509",
+        "prepare",
+        "--output",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(prepared["state"], "prepared");
+    let new_id = prepared["authority_id"].as_str().unwrap().to_owned();
+    server.cli_ok(&[
+        "localauthority",
+        "x509",
+        "activate",
+        "--authority-id",
+        &new_id,
+    ]);
+    new_id
+}
+
+/// Reads a workload's stream until its bundle holds one authority, not
+/// `revoked` (DER); fails after 30 s.
+async fn until_bundle_lacks(
+    stream: &mut (
+             impl futures::Stream<Item = Result<spiffe::X509Context, spiffe::WorkloadApiError>> + Unpin
+         ),
+    revoked: &[u8],
+) {
+    let td = spiffe::TrustDomain::new("example.org").unwrap();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let context = stream.next().await.unwrap().unwrap();
+            let bundle = context.bundle_set().get(&td).unwrap();
+            if bundle.authorities().iter().all(|c| c.as_ref() != revoked) {
+                assert_eq!(bundle.authorities().len(), 1);
+                break;
+            }
+        }
+    })
+    .await
+    .expect("the revoked authority stayed in the workload's bundle");
+}
+
 /// The process ID of the agent whose data directory is `agent.data_dir`.
 fn agent_pid(agent: &Agent) -> nix::unistd::Pid {
     let needle = agent.data_dir.to_string_lossy().into_owned();
@@ -97,7 +142,6 @@ async fn tainting_the_old_authority_replaces_its_svids_and_revoking_removes_it()
         .await
         .unwrap();
     let mut stream = client.stream_x509_contexts().await.unwrap();
-    let td = spiffe::TrustDomain::new("example.org").unwrap();
     let context = stream.next().await.unwrap().unwrap();
     assert_eq!(context.svids().len(), 2);
     for svid in context.svids() {
@@ -120,24 +164,7 @@ async fn tainting_the_old_authority_replaces_its_svids_and_revoking_removes_it()
         stderr(&out)
     );
 
-    // Prepare and activate the next authority.
-    let prepared: serde_json::Value = serde_json::from_str(&server.cli_ok(&[
-        "localauthority",
-        "x509",
-        "prepare",
-        "--output",
-        "json",
-    ]))
-    .unwrap();
-    assert_eq!(prepared["state"], "prepared");
-    let new_id = prepared["authority_id"].as_str().unwrap().to_owned();
-    server.cli_ok(&[
-        "localauthority",
-        "x509",
-        "activate",
-        "--authority-id",
-        &new_id,
-    ]);
+    let new_id = prepare_and_activate(&server);
     let list = show(&server);
     assert_eq!(authority(&list, &new_id)["state"], "active");
     assert_eq!(authority(&list, &old_id)["state"], "old");
@@ -219,18 +246,7 @@ async fn tainting_the_old_authority_replaces_its_svids_and_revoking_removes_it()
         "{revoked}"
     );
     let old_der = pem::parse(old_cert.as_bytes()).unwrap().into_contents();
-    tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            let context = stream.next().await.unwrap().unwrap();
-            let bundle = context.bundle_set().get(&td).unwrap();
-            if bundle.authorities().iter().all(|c| c.as_ref() != old_der) {
-                assert_eq!(bundle.authorities().len(), 1);
-                break;
-            }
-        }
-    })
-    .await
-    .expect("the revoked authority stayed in the workload's bundle");
+    until_bundle_lacks(&mut stream, &old_der).await;
     let list = show(&server);
     assert_eq!(authority(&list, &old_id)["state"], "revoked");
     assert!(!server.bundle_pem().contains(old_cert.trim()));
@@ -297,26 +313,10 @@ async fn a_forced_revocation_removes_an_authority_with_live_svids() {
         .await
         .unwrap();
     let mut stream = client.stream_x509_contexts().await.unwrap();
-    let td = spiffe::TrustDomain::new("example.org").unwrap();
     let first = stream.next().await.unwrap().unwrap();
     assert_eq!(issuer_key(first.svids()[0].leaf().as_ref()), old_id);
 
-    let prepared: serde_json::Value = serde_json::from_str(&server.cli_ok(&[
-        "localauthority",
-        "x509",
-        "prepare",
-        "--output",
-        "json",
-    ]))
-    .unwrap();
-    let new_id = prepared["authority_id"].as_str().unwrap().to_owned();
-    server.cli_ok(&[
-        "localauthority",
-        "x509",
-        "activate",
-        "--authority-id",
-        &new_id,
-    ]);
+    let new_id = prepare_and_activate(&server);
     // Paused, the agent replaces nothing: the SVIDs stay live.
     let pid = agent_pid(&agent);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
@@ -344,6 +344,7 @@ async fn a_forced_revocation_removes_an_authority_with_live_svids() {
     let list = show(&server);
     assert_eq!(authority(&list, &old_id)["state"], "revoked");
     assert_eq!(authority(&list, &old_id)["live_svids"], 2);
+    assert_eq!(authority(&list, &new_id)["state"], "active");
     let bundle = server.bundle_pem();
     assert_eq!(pem::parse_many(bundle.as_bytes()).unwrap().len(), 1);
     assert!(
@@ -354,18 +355,7 @@ async fn a_forced_revocation_removes_an_authority_with_live_svids() {
     );
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
 
-    tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            let context = stream.next().await.unwrap().unwrap();
-            let bundle = context.bundle_set().get(&td).unwrap();
-            if bundle.authorities().iter().all(|c| c.as_ref() != old_der) {
-                assert_eq!(bundle.authorities().len(), 1);
-                break;
-            }
-        }
-    })
-    .await
-    .expect("the revoked authority stayed in the workload's bundle");
+    until_bundle_lacks(&mut stream, &old_der).await;
 
     let audit = std::fs::read_to_string(server.data_dir.join("audit.log")).unwrap();
     let revokes: Vec<serde_json::Value> = audit
