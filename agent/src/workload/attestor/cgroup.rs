@@ -256,6 +256,41 @@ mod tests {
     const V1_CRIO_CGROUPFS: &str = "11:memory:/kubepods/burstable/pod{pod}/crio-{cid}\n\
         1:name=systemd:/kubepods/burstable/pod{pod}/crio-{cid}\n";
 
+    /// cgroup v1, containerd with the systemd driver: every hierarchy holds
+    /// the path kubelet and runc make, as on a hybrid host.
+    const V1_CONTAINERD_SYSTEMD: &str = "12:hugetlb:/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{pod_}.slice/cri-containerd-{cid}.scope\n\
+        11:pids:/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{pod_}.slice/cri-containerd-{cid}.scope\n\
+        10:memory:/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{pod_}.slice/cri-containerd-{cid}.scope\n\
+        9:cpu,cpuacct:/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{pod_}.slice/cri-containerd-{cid}.scope\n\
+        8:blkio:/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{pod_}.slice/cri-containerd-{cid}.scope\n\
+        7:net_cls,net_prio:/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{pod_}.slice/cri-containerd-{cid}.scope\n\
+        6:devices:/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{pod_}.slice/cri-containerd-{cid}.scope\n\
+        5:freezer:/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{pod_}.slice/cri-containerd-{cid}.scope\n\
+        4:cpuset:/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{pod_}.slice/cri-containerd-{cid}.scope\n\
+        3:perf_event:/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{pod_}.slice/cri-containerd-{cid}.scope\n\
+        2:rdma:/\n\
+        1:name=systemd:/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{pod_}.slice/cri-containerd-{cid}.scope\n\
+        0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{pod_}.slice/cri-containerd-{cid}.scope\n";
+
+    /// cgroup v1, cri-o with the systemd driver, a BestEffort pod.
+    const V1_CRIO_SYSTEMD: &str = "11:memory:/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{pod_}.slice/crio-{cid}.scope\n\
+        10:cpu,cpuacct:/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{pod_}.slice/crio-{cid}.scope\n\
+        9:pids:/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{pod_}.slice/crio-{cid}.scope\n\
+        2:devices:/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{pod_}.slice/crio-{cid}.scope\n\
+        1:name=systemd:/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{pod_}.slice/crio-{cid}.scope\n";
+
+    /// cgroup v2, cri-o with the cgroupfs driver (`cgroup_manager =
+    /// "cgroupfs"`).
+    const V2_CRIO_CGROUPFS: &str = "0::/kubepods/burstable/pod{pod}/crio-{cid}\n";
+
+    /// cgroup v2, Kubernetes with Docker (cri-dockerd) and the systemd
+    /// driver.
+    const V2_K8S_DOCKER_SYSTEMD: &str = "0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{pod_}.slice/docker-{cid}.scope\n";
+
+    /// cgroup v2, Kubernetes with Docker (cri-dockerd) and the cgroupfs
+    /// driver: Docker puts the container directly in the pod's cgroup.
+    const V2_K8S_DOCKER_CGROUPFS: &str = "0::/kubepods/burstable/pod{pod}/{cid}\n";
+
     /// kind: the node is itself a container, whose kubelet nests pods under
     /// its own slice; an agent in the node's cgroup namespace reads this.
     const V2_KIND: &str = "0::/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/kubelet-kubepods-besteffort-pod{pod_}.slice/cri-containerd-{cid}.scope\n";
@@ -271,11 +306,16 @@ mod tests {
         for (name, template) in [
             ("v1 docker cgroupfs", V1_K8S_DOCKER_CGROUPFS),
             ("v1 docker systemd", V1_K8S_DOCKER_SYSTEMD),
-            ("v2 containerd systemd", V2_CONTAINERD_SYSTEMD),
+            ("v2 docker cgroupfs", V2_K8S_DOCKER_CGROUPFS),
+            ("v2 docker systemd", V2_K8S_DOCKER_SYSTEMD),
             ("v1 containerd cgroupfs", V1_CONTAINERD_CGROUPFS),
+            ("v1 containerd systemd", V1_CONTAINERD_SYSTEMD),
             ("v2 containerd cgroupfs", V2_CONTAINERD_CGROUPFS),
-            ("v2 cri-o systemd", V2_CRIO_SYSTEMD),
+            ("v2 containerd systemd", V2_CONTAINERD_SYSTEMD),
             ("v1 cri-o cgroupfs", V1_CRIO_CGROUPFS),
+            ("v1 cri-o systemd", V1_CRIO_SYSTEMD),
+            ("v2 cri-o cgroupfs", V2_CRIO_CGROUPFS),
+            ("v2 cri-o systemd", V2_CRIO_SYSTEMD),
         ] {
             assert_eq!(container(&fixture(template)), in_pod(), "{name}");
         }
@@ -407,9 +447,59 @@ mod tests {
         assert_eq!(systemd_unit(&text), Some(unit.as_str()));
     }
 
+    /// Each cgroup the test process's own `/proc/self/cgroup` names, as
+    /// read, is one the kernel lists the process in: `cgroup.procs` of that
+    /// path, under where its hierarchy is mounted, holds the process ID.
     #[test]
-    fn the_test_process_own_cgroup_parses() {
+    fn the_paths_read_from_the_own_cgroup_file_hold_the_process() {
         let text = std::fs::read_to_string("/proc/self/cgroup").unwrap();
-        assert!(paths(&text).count() >= 1, "{text:?}");
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let pid = std::process::id().to_string();
+        let mut checked = 0;
+        for line in paths(&text) {
+            let Some(dir) = mounted_dir(&mountinfo, line) else {
+                continue;
+            };
+            let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap();
+            assert!(
+                procs.lines().any(|p| p == pid),
+                "{line:?}: {} does not list {pid}",
+                dir.display()
+            );
+            checked += 1;
+        }
+        assert!(checked > 0, "no hierarchy mounted: {text:?}");
+    }
+
+    /// Where the cgroup of `line` is in the file system, from
+    /// `/proc/self/mountinfo` (`<id> <parent> <dev> <root> <mount point>
+    /// <options> [<optional>...] - <type> <source> <super options>`), if its
+    /// hierarchy is mounted at a root above it.
+    fn mounted_dir(mountinfo: &str, line: CgroupLine<'_>) -> Option<std::path::PathBuf> {
+        let wanted: Vec<&str> = line.controllers.split(',').collect();
+        mountinfo.lines().find_map(|mount| {
+            let (mount_fields, fs_fields) = mount.split_once(" - ")?;
+            let mount_fields: Vec<&str> = mount_fields.split(' ').collect();
+            let fs_fields: Vec<&str> = fs_fields.split(' ').collect();
+            let (root, point) = (*mount_fields.get(3)?, *mount_fields.get(4)?);
+            let fs_type = *fs_fields.first()?;
+            let matches = if line.hierarchy == "0" {
+                fs_type == "cgroup2"
+            } else {
+                let options: Vec<&str> = fs_fields.get(2)?.split(',').collect();
+                fs_type == "cgroup" && wanted.iter().all(|c| options.contains(c))
+            };
+            if !matches {
+                return None;
+            }
+            let below = if root == "/" {
+                line.path
+            } else {
+                line.path
+                    .strip_prefix(root)
+                    .filter(|rest| rest.is_empty() || rest.starts_with('/'))?
+            };
+            Some(std::path::Path::new(point).join(below.trim_start_matches('/')))
+        })
     }
 }

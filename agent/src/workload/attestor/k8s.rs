@@ -16,11 +16,14 @@
 //!
 //! One pod list is shared by every caller, indexed by container ID, so a
 //! caller whose container is listed costs a hash lookup. The list is
-//! fetched again every `refresh_interval` in the background, and at once
-//! when a caller's pod or container is not in it; callers that find their
-//! container missing at the same time wait for the same fetch. A caller
-//! still missing after that fetch (a container that has just started and
-//! whose status the kubelet has not updated yet) gets
+//! fetched again every `refresh_interval` in the background, and when a
+//! caller's pod or container is not in it: at once if the last fetch ended
+//! [`UNKNOWN_FETCH_GAP`] ago or more, else once that gap has passed.
+//! Callers that find their container missing wait for the same fetch, so
+//! however often an unlisted container calls (a crash-looping one, a
+//! client retrying at once), the kubelet is asked at most once per gap. A
+//! caller still missing after that fetch (a container that has just
+//! started and whose status the kubelet has not updated yet) gets
 //! [`K8sError::NotListed`], which the Workload API answers with
 //! `UNAVAILABLE` so that the client retries; the whole wait is bounded by
 //! [`UNKNOWN_WAIT`]. A process in no pod gets no `k8s` selector and costs
@@ -45,6 +48,7 @@ use sigil::Selectors;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
+use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use zeroize::Zeroizing;
 
@@ -62,6 +66,18 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a caller whose container is not in the pod list waits for a
 /// fresh one before it is answered `UNAVAILABLE`.
 pub(crate) const UNKNOWN_WAIT: Duration = Duration::from_secs(5);
+
+/// The shortest time from the end of one fetch of the pod list to a fetch
+/// asked for by a caller whose container is not listed.
+///
+/// The kubelet notices a container that started at its next relist of the
+/// runtime's containers, which it does every second; fetching more often
+/// than that mostly finds the same list. Half of it adds at most half a
+/// second to the wait of a container that has just started (well within
+/// [`UNKNOWN_WAIT`], and below the one-second first retry of go-spiffe
+/// clients), while a container that is never listed costs the kubelet at
+/// most two requests a second instead of one per Workload API request.
+pub const UNKNOWN_FETCH_GAP: Duration = Duration::from_millis(500);
 
 /// The largest pod list read (a node with hundreds of pods answers a few
 /// MiB).
@@ -535,20 +551,35 @@ struct Shared {
     /// `n` and finds its container missing needs a fetch completed after
     /// it looked; one in flight then is shared.
     completed: watch::Sender<u64>,
-    /// Held while fetching; holds the outcome of the last attempt.
-    fetching: tokio::sync::Mutex<Result<(), Arc<str>>>,
+    /// Held while fetching, and while a caller waits for
+    /// [`UNKNOWN_FETCH_GAP`] to pass before it fetches.
+    fetching: tokio::sync::Mutex<LastFetch>,
+}
+
+/// The last attempt to fetch the pod list.
+#[derive(Debug)]
+struct LastFetch {
+    /// Its outcome.
+    outcome: Result<(), Arc<str>>,
+    /// When it ended; `None` before the first.
+    ended: Option<Instant>,
 }
 
 impl Shared {
     /// Fetches the pod list unless a fetch completed since the caller saw
-    /// `seen` completed (`None`: fetch in any case); the outcome of that
-    /// fetch.
+    /// `seen` completed (`None`: fetch at once in any case); the outcome of
+    /// that fetch. A caller that saw `seen` fetches only once
+    /// [`UNKNOWN_FETCH_GAP`] has passed since the last fetch ended; callers
+    /// arriving meanwhile wait for that fetch.
     async fn refresh(&self, seen: Option<u64>) -> Result<(), K8sError> {
         let mut last = self.fetching.lock().await;
-        if let Some(seen) = seen
-            && *self.completed.borrow() != seen
-        {
-            return last.clone().map_err(K8sError::Shared);
+        if let Some(seen) = seen {
+            if *self.completed.borrow() != seen {
+                return last.outcome.clone().map_err(K8sError::Shared);
+            }
+            if let Some(ended) = last.ended {
+                tokio::time::sleep_until(ended + UNKNOWN_FETCH_GAP).await;
+            }
         }
         let result = self.client.fetch().await;
         let outcome = match result {
@@ -562,10 +593,13 @@ impl Shared {
             }
             Err(e) => Err(e),
         };
-        *last = outcome
-            .as_ref()
-            .map(|_| ())
-            .map_err(|e| Arc::from(e.to_string()));
+        *last = LastFetch {
+            outcome: outcome
+                .as_ref()
+                .map(|_| ())
+                .map_err(|e| Arc::from(e.to_string())),
+            ended: Some(Instant::now()),
+        };
         self.completed.send_modify(|n| *n += 1);
         outcome
     }
@@ -586,7 +620,10 @@ impl K8sAttestor {
             client: KubeletClient::new(config)?,
             index: ArcSwap::from_pointee(PodIndex::default()),
             completed: watch::channel(0).0,
-            fetching: tokio::sync::Mutex::new(Ok(())),
+            fetching: tokio::sync::Mutex::new(LastFetch {
+                outcome: Ok(()),
+                ended: None,
+            }),
         });
         let interval = config.refresh_interval;
         let background = Arc::clone(&shared);
@@ -655,4 +692,4 @@ impl Drop for K8sAttestor {
 /// certificate made in the test) serving a pod list recorded from the
 /// kubelet's `/pods` (`fixtures/kubelet_pods.json`).
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

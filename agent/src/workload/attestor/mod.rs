@@ -229,6 +229,8 @@ mod tests {
     use nix::unistd::{Gid, Uid};
 
     use super::docker::tests::{CID, Engine};
+    use super::k8s::tests::kubelet::Kubelet;
+    use super::k8s::tests::{WEB, WEB_POD};
     use super::*;
     use crate::workload::attestor::settings::{DockerConfig, SystemdConfig};
 
@@ -241,7 +243,18 @@ mod tests {
 
     #[tokio::test]
     async fn selectors_of_all_attestors_are_combined() {
+        // A Kubernetes node whose runtime is Docker (cri-dockerd), with the
+        // systemd cgroup driver: the engine and the kubelet both know the
+        // container.
+        assert_eq!(CID, WEB);
         let engine = Engine::start();
+        let kubelet = Kubelet::start().await;
+        let listed = kubelet
+            .body
+            .lock()
+            .unwrap()
+            .replace("containerd://", "docker://");
+        *kubelet.body.lock().unwrap() = listed;
         let units = tempfile::tempdir().unwrap();
         let attestor = Attestor::new(&AttestorsConfig {
             systemd: Some(SystemdConfig {
@@ -250,12 +263,15 @@ mod tests {
             docker: Some(DockerConfig {
                 socket_path: engine.socket.clone(),
             }),
-            ..AttestorsConfig::default()
+            k8s: Some(kubelet.config()),
         })
         .unwrap();
         let facts = Facts {
             pid: 1,
-            cgroup: format!("0::/system.slice/docker-{CID}.scope\n"),
+            cgroup: format!(
+                "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/docker-{CID}.scope\n",
+                WEB_POD.replace('-', "_")
+            ),
         };
         let mut got = selectors(&["unix:uid:1000"]);
         attestor.collect_optional(&facts, &mut got).await.unwrap();
@@ -268,11 +284,15 @@ mod tests {
             &unit,
             "docker:label:com.example.team:payments",
             "docker:image_id:nginx:1.25",
+            "k8s:ns:shop",
+            "k8s:sa:web",
+            "k8s:container-name:web",
         ]);
         assert!(entry.is_subset_of(&got), "{got:?}");
         for extra in [
             "docker:label:com.example.team:billing",
-            "k8s:ns:shop",
+            "k8s:ns:default",
+            "k8s:container-name:envoy",
             "unix:uid:0",
         ] {
             let mut entry = entry.clone();

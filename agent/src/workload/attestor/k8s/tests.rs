@@ -1,12 +1,12 @@
 use super::*;
 
-mod kubelet;
+pub(crate) mod kubelet;
 
 use self::kubelet::{Kubelet, PODS, REPORT};
 
-const WEB: &str = "3f4b2c1d9e8a7f6b5c4d3e2f1a0b9c8d7e6f5a4b3c2d1e0f9a8b7c6d5e4f3a2b";
+pub(crate) const WEB: &str = "3f4b2c1d9e8a7f6b5c4d3e2f1a0b9c8d7e6f5a4b3c2d1e0f9a8b7c6d5e4f3a2b";
 const ENVOY: &str = "b1a2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90";
-const WEB_POD: &str = "7d2a6c3e-91b4-4f0a-8e5d-2b1c9a8f7e6d";
+pub(crate) const WEB_POD: &str = "7d2a6c3e-91b4-4f0a-8e5d-2b1c9a8f7e6d";
 const BATCH_POD: &str = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d";
 
 /// containerd with the systemd driver on cgroup v2.
@@ -79,7 +79,7 @@ async fn warm_lookups_do_not_fetch() {
     assert_eq!(kubelet.requests(), 1);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn an_unknown_container_shares_one_refresh() {
     let kubelet = Kubelet::start().await;
     let attestor = Arc::new(K8sAttestor::new(&kubelet.config()).unwrap());
@@ -110,17 +110,17 @@ async fn an_unknown_container_shares_one_refresh() {
     assert_eq!(kubelet.requests(), 2, "one refresh for all callers");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_container_not_yet_listed_is_unavailable_not_denied() {
     let kubelet = Kubelet::start().await;
     let attestor = K8sAttestor::new(&kubelet.config()).unwrap();
     fetched(&attestor, 1).await;
     // The batch pod is listed, its container still being created.
-    let started = tokio::time::Instant::now();
+    let started = Instant::now();
     let err = selectors_of(&attestor, &cgroup_of(BATCH_POD, REPORT))
         .await
         .unwrap_err();
-    assert!(started.elapsed() < UNKNOWN_WAIT);
+    assert!(started.elapsed() <= UNKNOWN_FETCH_GAP);
     assert_eq!(
         err.to_string(),
         format!("container {REPORT} of pod {BATCH_POD} is not in the kubelet's pod list")
@@ -133,6 +133,80 @@ async fn a_container_not_yet_listed_is_unavailable_not_denied() {
         .await
         .unwrap();
     assert!(got.contains(&"k8s:container-name:report".to_owned()));
+}
+
+/// A container the kubelet never lists (one that keeps crashing before
+/// the kubelet sees it running) whose processes call 100 times a second.
+#[tokio::test(start_paused = true)]
+async fn an_unlisted_container_calling_often_costs_one_fetch_per_gap() {
+    let kubelet = Kubelet::start().await;
+    let attestor = Arc::new(K8sAttestor::new(&kubelet.config()).unwrap());
+    fetched(&attestor, 1).await;
+    let started = Instant::now();
+    let window = Duration::from_secs(2);
+    let mut calls = Vec::new();
+    while started.elapsed() < window {
+        let attestor = Arc::clone(&attestor);
+        calls.push(tokio::spawn(async move {
+            let asked = Instant::now();
+            let result = selectors_of(&attestor, &cgroup_of(BATCH_POD, REPORT)).await;
+            (asked.elapsed(), result)
+        }));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(calls.len(), 200);
+    for call in calls {
+        let (waited, result) = call.await.unwrap();
+        assert!(
+            matches!(result, Err(K8sError::NotListed { .. })),
+            "{result:?}"
+        );
+        assert!(waited <= UNKNOWN_FETCH_GAP, "answered after {waited:?}");
+    }
+    // One fetch at each gap of the window (the last callers' one ends it),
+    // instead of one per call.
+    let fetches = kubelet.requests() - 1;
+    let most = usize::try_from(window.as_millis() / UNKNOWN_FETCH_GAP.as_millis()).unwrap();
+    assert!((1..=most).contains(&fetches), "{fetches} fetches");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_container_that_starts_is_found_within_the_gap() {
+    let kubelet = Kubelet::start().await;
+    let attestor = K8sAttestor::new(&kubelet.config()).unwrap();
+    fetched(&attestor, 1).await;
+    let report = cgroup_of(BATCH_POD, REPORT);
+
+    // Its processes call while the kubelet does not list it yet, then
+    // once it does.
+    for _ in 0..3 {
+        let err = selectors_of(&attestor, &report).await.unwrap_err();
+        assert!(matches!(err, K8sError::NotListed { .. }), "{err}");
+    }
+    kubelet.start_report_container();
+    let asked = Instant::now();
+    let got = selectors_of(&attestor, &report).await.unwrap();
+    assert!(got.contains(&"k8s:container-name:report".to_owned()));
+    assert!(
+        asked.elapsed() <= UNKNOWN_FETCH_GAP,
+        "{:?}",
+        asked.elapsed()
+    );
+    assert_eq!(kubelet.requests(), 5);
+
+    // When the kubelet was not asked for longer than the gap, the first
+    // call of a new container fetches at once.
+    tokio::time::sleep(UNKNOWN_FETCH_GAP).await;
+    let other = "d0d0cafed0d0cafed0d0cafed0d0cafed0d0cafed0d0cafed0d0cafed0d0cafe";
+    let listed = kubelet.body.lock().unwrap().replace(REPORT, other);
+    *kubelet.body.lock().unwrap() = listed;
+    let asked = Instant::now();
+    let got = selectors_of(&attestor, &cgroup_of(BATCH_POD, other))
+        .await
+        .unwrap();
+    assert!(got.contains(&"k8s:container-name:report".to_owned()));
+    assert_eq!(asked.elapsed(), Duration::ZERO);
+    assert_eq!(kubelet.requests(), 6);
 }
 
 #[tokio::test]
