@@ -40,6 +40,9 @@ pub(crate) fn td() -> TrustDomain {
 pub(crate) struct State {
     /// Unused join tokens.
     pub(crate) tokens: HashSet<String>,
+    /// Service account tokens accepted for k8s_psat attestation, with the
+    /// UID of the node each was issued on; not used up by an attestation.
+    pub(crate) psat_tokens: HashMap<String, String>,
     /// Agents whose SVID is refused from now on.
     pub(crate) evicted: HashSet<SpiffeId>,
     /// The last SVID leaf issued to each agent: the only one accepted, as
@@ -125,6 +128,10 @@ impl FakeServer {
                     let Ok((tcp, _)) = listener.accept().await else {
                         return;
                     };
+                    // As sigil-server's connections: without it, small
+                    // answers wait for the client's delayed ACK, in real
+                    // time, which tests on paused time race past.
+                    let _ = tcp.set_nodelay(true);
                     let acceptor = acceptor.clone();
                     let conns = conns.clone();
                     tokio::spawn(async move {
@@ -285,6 +292,35 @@ impl Api {
     fn touched(&self) {
         self.changed.notify_waiters();
     }
+
+    /// A k8s_psat attestation: a token of `psat_tokens` gets the SVID
+    /// `/sigil/agent/k8s_psat/<cluster>/<node UID>`, as `sigil-server`
+    /// names the agent, every time it is presented.
+    fn attest_k8s_psat(&self, payload: &[u8], csr: &[u8]) -> Result<AgentSvid, Status> {
+        use prost::Message as _;
+        let psat = sigil::proto::sigil::agent::v1::K8sPsatAttestation::decode(payload)
+            .map_err(|e| Status::invalid_argument(format!("params.data.payload: {e}")))?;
+        let node = self
+            .state
+            .lock()
+            .unwrap()
+            .psat_tokens
+            .get(&psat.token)
+            .cloned();
+        let Some(node) = node else {
+            self.touched();
+            return Err(Status::permission_denied(
+                "the service account token is not valid",
+            ));
+        };
+        let id = td()
+            .id_with_path(&format!("/sigil/agent/k8s_psat/{}/{node}", psat.cluster))
+            .unwrap();
+        let svid = self.agent_svid(&id, csr)?;
+        self.state.lock().unwrap().attestations += 1;
+        self.touched();
+        Ok(svid)
+    }
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -307,6 +343,13 @@ impl AgentApi for Api {
             return Err(Status::invalid_argument("params: required"));
         };
         let data = params.data.unwrap_or_default();
+        if data.r#type == "k8s_psat" {
+            let svid = self.attest_k8s_psat(&data.payload, &params.csr)?;
+            let answer = AttestResponse {
+                step: Some(attest_response::Step::Result(svid)),
+            };
+            return Ok(Response::new(Box::pin(futures::stream::iter([Ok(answer)]))));
+        }
         if data.r#type != "join_token" {
             return Err(Status::invalid_argument("data.type: unsupported"));
         }

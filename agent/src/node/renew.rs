@@ -33,10 +33,10 @@ use crate::client::{self, AgentChannel};
 use crate::retry::{Backoff, RepeatedErrors, Report};
 
 /// First delay between two re-attestation attempts.
-const REATTEST_BACKOFF_MIN: Duration = Duration::from_secs(1);
+pub(crate) const REATTEST_BACKOFF_MIN: Duration = Duration::from_secs(1);
 
 /// Longest delay between two re-attestation attempts.
-const REATTEST_BACKOFF_MAX: Duration = Duration::from_secs(60);
+pub(crate) const REATTEST_BACKOFF_MAX: Duration = Duration::from_secs(60);
 
 /// The shortest time between two renewals asked for by other tasks.
 pub(crate) const FORCED_RENEWAL_INTERVAL: Duration = Duration::from_secs(30);

@@ -11,6 +11,8 @@ use super::*;
 use crate::config::{Config, JoinToken, JoinTokenSource, LogFormat};
 use crate::testing::{BAD_TOKEN, FakeServer, td};
 
+mod reattestation;
+
 fn config(server: &FakeServer, data_dir: &std::path::Path, token: Option<&str>) -> Config {
     Config {
         trust_domain: td(),
