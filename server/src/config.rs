@@ -14,12 +14,14 @@ use crate::ca::keys::KeyManagerKind;
 use crate::ca::upstream::DiskUpstreamConfig;
 
 mod node_attestors;
+mod store;
 mod upstream;
 
 use node_attestors::node_attestors;
 pub(crate) use node_attestors::{
     K8sPsatClusterConfig, K8sPsatConfig, K8sPsatKeys, NodeAttestorsConfig, X509PopConfig,
 };
+pub(crate) use store::StoreConfig;
 use upstream::upstream_authority;
 
 /// Default address of the agent API.
@@ -128,6 +130,8 @@ pub(crate) struct Config {
     pub(crate) log_format: LogFormat,
     /// The node attestors besides `join_token`.
     pub(crate) node_attestors: NodeAttestorsConfig,
+    /// `[store]`: where the durable state lives.
+    pub(crate) store: StoreConfig,
 }
 
 /// Every problem found in the configuration, one per line.
@@ -163,6 +167,7 @@ const KEYS: &[&str] = &[
     "log_level",
     "log_format",
     "node_attestors",
+    "store",
 ];
 
 /// Reads the file named by `--config` (if any) and merges the flags.
@@ -188,6 +193,7 @@ pub(crate) fn from_sources(
     let mut values: BTreeMap<&'static str, String> = BTreeMap::new();
     let mut node_attestors_table = None;
     let mut upstream_table = None;
+    let mut store_table = None;
 
     if let Some((path, text)) = file {
         match text.parse::<toml::Table>() {
@@ -209,6 +215,14 @@ pub(crate) fn from_sources(
                         toml::Value::Table(t) if *known == "node_attestors" => {
                             node_attestors_table = Some(t);
                         }
+                        toml::Value::Table(t) if *known == "store" => {
+                            store_table = Some(t);
+                        }
+                        other if *known == "store" => problems.push(format!(
+                            "store: expected a table in {}, found {}",
+                            path.display(),
+                            other.type_str()
+                        )),
                         toml::Value::String(s) if *known != "node_attestors" => {
                             values.insert(known, s);
                         }
@@ -320,6 +334,7 @@ pub(crate) fn from_sources(
         })
     });
     let upstream_authority = upstream_table.and_then(|t| upstream_authority(t, &mut problems));
+    let store = store_table.map_or_else(StoreConfig::default, |t| store::store(t, &mut problems));
 
     let node_attestors = match (&trust_domain, node_attestors_table) {
         (Some(td), Some(table)) => node_attestors(td, table, &mut problems),
@@ -357,6 +372,7 @@ pub(crate) fn from_sources(
             log_level,
             log_format,
             node_attestors,
+            store,
         }),
         _ => Err(ConfigErrors(problems)),
     }

@@ -5,7 +5,9 @@
 //! authority API) to admin workloads; the Unix socket serves them to local
 //! users. See [`crate::api::admin::access`].
 //!
-//! Files in the data directory besides the state: `agent-api.addr` (the
+//! The state is in `<data_dir>/store` (sled) or, with `[store] backend =
+//! "postgres"`, in a PostgreSQL database. Files in the data directory
+//! besides the state: `agent-api.addr` (the
 //! agent API's bound address, written once it listens), `ready` (written
 //! once both APIs accept connections, removed on shutdown) and, unless
 //! `audit_log_path` puts it elsewhere, `audit.log`.
@@ -38,11 +40,11 @@ use crate::audit::AuditLog;
 use crate::ca::live::LiveSvids;
 use crate::ca::{Ca, create_private_dir, rotation, server_svid};
 use crate::clock::Clock;
-use crate::config::Config;
+use crate::config::{Config, StoreConfig};
 use crate::listen;
 use crate::registry::{ListQuery, Registry, expiry};
 use crate::shutdown::{self, Trigger};
-use crate::store::{SledStore, Store};
+use crate::store::{PostgresStore, SledStore, Store};
 use crate::tokens::JoinTokens;
 
 /// How long open connections get to finish after shutdown starts.
@@ -102,10 +104,22 @@ pub(crate) async fn start(config: &Config) -> anyhow::Result<Running> {
     remove_if_present(&addr_file)?;
 
     let td = config.trust_domain.clone();
-    let store: Arc<dyn Store> = Arc::new(
-        SledStore::open(&data_dir.join("store"))
-            .with_context(|| format!("opening the store in {}", data_dir.display()))?,
-    );
+    let (store, connection_lost): (Arc<dyn Store>, _) = match &config.store {
+        StoreConfig::Sled => (
+            Arc::new(
+                SledStore::open(&data_dir.join("store"))
+                    .with_context(|| format!("opening the store in {}", data_dir.display()))?,
+            ),
+            None,
+        ),
+        StoreConfig::Postgres(postgres) => {
+            let (store, lost) = PostgresStore::connect(postgres)
+                .await
+                .context("opening the PostgreSQL store")?;
+            tracing::info!("state kept in PostgreSQL");
+            (Arc::new(store), Some(lost))
+        }
+    };
     let keys = crate::ca::keys::KeyManager::from_config(config, &data_dir.join("ca"))?;
     let schedule = rotation::Schedule::load_with(
         Arc::clone(&store),
@@ -192,8 +206,18 @@ pub(crate) async fn start(config: &Config) -> anyhow::Result<Running> {
     ));
     let mtls_gate = Arc::new(Gate::new(Transport::Mtls, Arc::clone(&services), audit));
 
-    let (fatal_tx, fatal) = mpsc::channel(2);
+    let (fatal_tx, fatal) = mpsc::channel(3);
     let mut tasks = Vec::new();
+    if let Some(lost) = connection_lost {
+        // Without its database (and the database's lock) the server stops.
+        let fatal = fatal_tx.clone();
+        tokio::spawn(async move {
+            if let Ok(reason) = lost.await {
+                tracing::error!(reason = %reason, "lost the store");
+                let _ = fatal.send(reason).await;
+            }
+        });
+    }
 
     let agent_service = AgentApiServer::new(AgentService::new(
         Arc::clone(&services),

@@ -34,6 +34,7 @@ mod issuance;
 mod mtls;
 mod node_attestation;
 mod operations;
+mod postgres;
 mod quickstart;
 mod refusals;
 mod registration;

@@ -182,3 +182,76 @@ fn an_unknown_group_is_reported() {
         ["admin_socket_group: no group named \"no-such-group-sigil\""]
     );
 }
+
+#[test]
+fn the_store_is_sled_unless_postgres_is_configured() {
+    let config = file("trust_domain = \"example.org\"").unwrap();
+    assert!(matches!(config.store, StoreConfig::Sled));
+    let config = file("trust_domain = \"example.org\"\n[store]\nbackend = \"sled\"\n").unwrap();
+    assert!(matches!(config.store, StoreConfig::Sled));
+
+    let text = "trust_domain = \"example.org\"\n[store]\nbackend = \"postgres\"\n\
+                connection_string = \"postgresql://sigil:hunter2@localhost:5433/state\"\n";
+    let config = file(text).unwrap();
+    let StoreConfig::Postgres(postgres) = &config.store else {
+        panic!("{:?}", config.store);
+    };
+    assert_eq!(postgres.get_user(), Some("sigil"));
+    assert_eq!(postgres.get_dbname(), Some("state"));
+    assert_eq!(postgres.get_ports(), [5433]);
+    assert!(
+        !format!("{config:?}").contains("hunter2"),
+        "the password is not in Debug output"
+    );
+}
+
+#[test]
+fn the_postgres_example_configuration_loads() {
+    let text = include_str!("../../../deploy/config/server-postgres.toml");
+    let config = from_sources(&args(), Some((Path::new("server-postgres.toml"), text))).unwrap();
+    let StoreConfig::Postgres(postgres) = &config.store else {
+        panic!("{:?}", config.store);
+    };
+    assert_eq!(postgres.get_dbname(), Some("sigil"));
+    assert_eq!(postgres.get_user(), Some("sigil"));
+}
+
+#[test]
+fn bad_store_settings_are_reported_without_the_password() {
+    let err = |text: &str| {
+        file(&format!("trust_domain = \"example.org\"\n{text}"))
+            .unwrap_err()
+            .0
+    };
+    assert_eq!(
+        err("[store]\nbackend = \"etcd\"\nextra = 1\n"),
+        [
+            "store: unknown key \"extra\"",
+            "store.backend: \"etcd\": must be `sled` or `postgres`",
+        ]
+    );
+    assert_eq!(
+        err("[store]\nbackend = \"postgres\"\n"),
+        ["store.connection_string: is required with backend = \"postgres\""]
+    );
+    assert_eq!(
+        err("[store]\nconnection_string = \"host=/run/postgresql\"\n"),
+        ["store.connection_string: is only used with backend = \"postgres\""]
+    );
+    assert_eq!(err("store = \"postgres\"\n").len(), 1);
+    let problems = err(
+        "[store]\nbackend = \"postgres\"\nconnection_string = \"host=h password=hunter2 port=x\"\n",
+    );
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(
+        problems[0].starts_with("store.connection_string: "),
+        "{problems:?}"
+    );
+    assert!(!problems[0].contains("hunter2"), "{problems:?}");
+    let problems =
+        err("[store]\nbackend = \"postgres\"\nconnection_string = \"host=h sslmode=require\"\n");
+    assert!(
+        problems[0].contains("TLS to PostgreSQL is not supported"),
+        "{problems:?}"
+    );
+}

@@ -4,15 +4,20 @@
 //!
 //! [`Store`] is backend-neutral: records travel as serde values of the
 //! domain types, so a SQL backend can implement it as well as the embedded
-//! [`sled`](self::sled) one. Mutating methods do not flush; callers call
+//! [`sled`](self::sled) one; [`postgres`](self::postgres) is that SQL
+//! backend. Mutating methods do not flush; callers call
 //! [`Store::flush`] once before they report success, so a batch costs one
 //! disk sync.
 
+pub(crate) mod postgres;
 pub(crate) mod sled;
+#[cfg(test)]
+mod tests;
 
 use serde::{Deserialize, Serialize};
 use sigil::{Entry, Selectors, SpiffeId};
 
+pub(crate) use self::postgres::PostgresStore;
 pub(crate) use self::sled::SledStore;
 
 /// Why the store failed.
