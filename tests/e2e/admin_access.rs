@@ -350,21 +350,7 @@ fn the_audit_log_records_every_change_with_its_caller_and_outcome() {
     let missing = server.cli(&["entry", "delete", "--entry-id", "no-such-entry"]);
     assert!(!missing.status.success());
     server.cli_ok(&["agent", "ban", "--spiffe-id", agent_id]);
-    let other = sigil::x509::Authority::self_signed(
-        &sigil::TrustDomain::new("other.org").unwrap(),
-        Duration::from_secs(3600),
-    )
-    .unwrap();
-    let bundle_file = domain.dir.path().join("other.pem");
-    std::fs::write(&bundle_file, sigil::bundle::cert_to_pem(other.cert())).unwrap();
-    server.cli_ok(&[
-        "bundle",
-        "set",
-        "--id",
-        "spiffe://other.org",
-        "--path",
-        bundle_file.to_str().unwrap(),
-    ]);
+    server.set_foreign_bundle("other.org");
     server.cli_ok(&["agent", "unban", "--spiffe-id", agent_id]);
     server.cli_ok(&["agent", "evict", "--spiffe-id", agent_id]);
     server.cli_ok(&["bundle", "delete", "--id", "spiffe://other.org"]);

@@ -64,18 +64,7 @@ fn interop_bundles(mut command: Command, client: &str, agent: &Agent) -> serde_j
 async fn a_federated_bundle_reaches_federating_workloads_until_it_is_deleted() {
     let dir = scratch();
     let server = Server::start(dir.path());
-    let other = sigil::TrustDomain::new("other.org").unwrap();
-    let foreign = sigil::x509::Authority::self_signed(&other, Duration::from_secs(3600)).unwrap();
-    let foreign_pem = dir.path().join("other.org.pem");
-    std::fs::write(&foreign_pem, sigil::bundle::cert_to_pem(foreign.cert())).unwrap();
-    server.cli_ok(&[
-        "bundle",
-        "set",
-        "--id",
-        "spiffe://other.org",
-        "--path",
-        foreign_pem.to_str().unwrap(),
-    ]);
+    let foreign = server.set_foreign_bundle("other.org");
 
     let uid = own_uid_selector();
     let (token, agent_id) = server.token(&[]);

@@ -219,6 +219,25 @@ impl Server {
         std::fs::write(path, self.bundle_pem()).unwrap();
     }
 
+    /// Stores a bundle of one new authority for trust domain `name` with
+    /// `bundle set`; returns that authority.
+    pub fn set_foreign_bundle(&self, name: &str) -> sigil::x509::Authority {
+        let td = sigil::TrustDomain::new(name).unwrap();
+        let authority =
+            sigil::x509::Authority::self_signed(&td, Duration::from_secs(3600)).unwrap();
+        let path = self.dir.join(format!("{name}.pem"));
+        std::fs::write(&path, sigil::bundle::cert_to_pem(authority.cert())).unwrap();
+        self.cli_ok(&[
+            "bundle",
+            "set",
+            "--id",
+            &format!("spiffe://{name}"),
+            "--path",
+            path.to_str().unwrap(),
+        ]);
+        authority
+    }
+
     /// What the server logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()

@@ -230,9 +230,7 @@ async fn a_token_from_an_unknown_issuer_is_refused() {
 
     // With OIDC discovery, the issuer URL.
     let oidc = FakeIssuer::start(issuer.jwks()).await;
-    let mut config = cluster(&issuer);
-    config.keys = K8sPsatKeys::IssuerUrl(oidc.url.clone());
-    let psat = attestor(&[("prod", config)]);
+    let psat = discovering(&issuer, &oidc);
     assert_unknown_issuers_refused(&psat, &issuer, &oidc.url).await;
 }
 
@@ -484,6 +482,25 @@ impl FakeIssuer {
     }
 }
 
+/// An attestor whose cluster `prod` gets the keys of `issuer`'s tokens by
+/// discovery from `oidc`.
+fn discovering(issuer: &TokenIssuer, oidc: &FakeIssuer) -> K8sPsat {
+    let mut config = cluster(issuer);
+    config.keys = K8sPsatKeys::IssuerUrl(oidc.url.clone());
+    attestor(&[("prod", config)])
+}
+
+/// A valid token of node `node-uid-1`, signed by `signer`, issued under
+/// `oidc`'s URL.
+fn node_token(signer: &TokenIssuer, oidc: &FakeIssuer) -> String {
+    signer.sign(&psat_claims(
+        &oidc.url,
+        "sigil-server",
+        "agent-x1",
+        "node-uid-1",
+    ))
+}
+
 /// Makes the last fetch of cluster `prod`'s keys old enough for another.
 async fn make_last_fetch_old(psat: &K8sPsat) {
     let Keys::Discovered { cache, .. } = &psat.clusters["prod"].keys else {
@@ -496,16 +513,9 @@ async fn make_last_fetch_old(psat: &K8sPsat) {
 async fn keys_come_from_oidc_discovery_and_are_refetched_sparingly() {
     let issuer = TokenIssuer::new("k1");
     let oidc = FakeIssuer::start(issuer.jwks()).await;
-    let mut config = cluster(&issuer);
-    config.keys = K8sPsatKeys::IssuerUrl(oidc.url.clone());
-    let psat = attestor(&[("prod", config)]);
+    let psat = discovering(&issuer, &oidc);
 
-    let token = issuer.sign(&psat_claims(
-        &oidc.url,
-        "sigil-server",
-        "agent-x1",
-        "node-uid-1",
-    ));
+    let token = node_token(&issuer, &oidc);
     let attested = psat.attest(&payload("prod", &token)).await.unwrap();
     assert_eq!(
         attested.agent_id.as_str(),
@@ -525,12 +535,7 @@ async fn keys_come_from_oidc_discovery_and_are_refetched_sparingly() {
     // not fetched again.
     let rotated = TokenIssuer::new("k2");
     *oidc.jwks.lock().unwrap() = rotated.jwks();
-    let token = rotated.sign(&psat_claims(
-        &oidc.url,
-        "sigil-server",
-        "agent-x1",
-        "node-uid-1",
-    ));
+    let token = node_token(&rotated, &oidc);
     assert_denied(
         &refused(&psat, "prod", &token).await,
         "params.data.payload: token: signing key \"k2\" is unknown",
@@ -542,27 +547,15 @@ async fn keys_come_from_oidc_discovery_and_are_refetched_sparingly() {
 async fn an_unknown_key_triggers_one_refetch() {
     let old = TokenIssuer::new("k1");
     let oidc = FakeIssuer::start(old.jwks()).await;
-    let mut config = cluster(&old);
-    config.keys = K8sPsatKeys::IssuerUrl(oidc.url.clone());
-    let psat = attestor(&[("prod", config)]);
+    let psat = discovering(&old, &oidc);
     // Nothing fetched yet: the first token fetches the keys.
-    let token = old.sign(&psat_claims(
-        &oidc.url,
-        "sigil-server",
-        "agent-x1",
-        "node-uid-1",
-    ));
+    let token = node_token(&old, &oidc);
     psat.attest(&payload("prod", &token)).await.unwrap();
     // Pretend the last fetch is old, then rotate: the new key is fetched.
     make_last_fetch_old(&psat).await;
     let rotated = TokenIssuer::new("k2");
     *oidc.jwks.lock().unwrap() = rotated.jwks();
-    let token = rotated.sign(&psat_claims(
-        &oidc.url,
-        "sigil-server",
-        "agent-x1",
-        "node-uid-1",
-    ));
+    let token = node_token(&rotated, &oidc);
     psat.attest(&payload("prod", &token)).await.unwrap();
     assert_eq!(oidc.fetches(), 2);
 }
@@ -572,15 +565,8 @@ async fn keys_of_a_discovery_document_naming_another_issuer_are_refused() {
     let issuer = TokenIssuer::new("k1");
     let oidc = FakeIssuer::start(issuer.jwks()).await;
     *oidc.named.lock().unwrap() = "https://elsewhere.test".into();
-    let mut config = cluster(&issuer);
-    config.keys = K8sPsatKeys::IssuerUrl(oidc.url.clone());
-    let psat = attestor(&[("prod", config)]);
-    let token = issuer.sign(&psat_claims(
-        &oidc.url,
-        "sigil-server",
-        "agent-x1",
-        "node-uid-1",
-    ));
+    let psat = discovering(&issuer, &oidc);
+    let token = node_token(&issuer, &oidc);
     let unavailable = |detail: &str| {
         format!(
             "cannot get the keys of the cluster's issuer: {}/.well-known/openid-configuration: {detail}: its keys are not used",
